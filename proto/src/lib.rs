@@ -1,0 +1,24 @@
+//! Flotilla's wire protocol: the messages the controller and the agents exchange
+//! over MQTT, their postcard codec, the topic names, and the name rules both
+//! sides check. No I/O here: this crate is `no_std` + `alloc` so that any
+//! program — the controller, the agent, a test, a simulated fleet — speaks
+//! exactly the same bytes.
+#![no_std]
+
+extern crate alloc;
+
+mod codec;
+mod desired;
+mod names;
+mod presence;
+mod status;
+mod topics;
+
+pub use codec::{DecodeError, EncodeError, Message, WIRE_VERSION, decode, encode};
+pub use desired::{ContainerSpec, DesiredState, EnvVar, PodSpec, Resources, RestartPolicy};
+pub use names::{NameError, check_label_key, check_label_value, check_name};
+pub use presence::Presence;
+pub use status::{
+    ContainerState, ContainerStatus, Label, NodeInfo, NodeStatus, PodPhase, PodStatus,
+};
+pub use topics::{DEFAULT_PREFIX, TopicKind, Topics};

@@ -1,0 +1,131 @@
+//! Agent → controller, retained: what a node runs, sent on change and on a
+//! slow resync timer.
+
+use alloc::string::String;
+use alloc::vec::Vec;
+
+use serde::{Deserialize, Serialize};
+
+use crate::codec::Message;
+
+/// A node's whole status.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeStatus {
+    /// The reporting node.
+    pub node: String,
+    /// Random id of the agent process; with `seq` it orders status messages,
+    /// since MQTT redelivery after a reconnect can reorder them.
+    pub instance: u64,
+    /// Increases with every status this agent process sends.
+    pub seq: u64,
+    /// The newest desired generation the agent accepted.
+    pub observed_generation: u64,
+    /// Why the newest desired message was refused, if it was.
+    pub desired_error: Option<String>,
+    /// Facts about the node.
+    pub info: NodeInfo,
+    /// Every pod on the node, desired or still being removed.
+    pub pods: Vec<PodStatus>,
+}
+
+impl Message for NodeStatus {
+    const MAX_BYTES: usize = 256 * 1024;
+    const NAME: &'static str = "node status";
+}
+
+/// Facts about a node, as its agent sees them.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct NodeInfo {
+    /// CPU architecture in OCI terms (`amd64`, `arm64`, `arm`).
+    pub arch: String,
+    /// Operating system (`linux`).
+    pub os: String,
+    /// The agent's version.
+    pub agent_version: String,
+    /// Labels set at the agent.
+    pub labels: Vec<Label>,
+    /// Number of CPUs.
+    pub cpus: u32,
+    /// Total memory in bytes.
+    pub memory_bytes: u64,
+}
+
+/// A `key=value` label.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Label {
+    /// Label key.
+    pub key: String,
+    /// Label value.
+    pub value: String,
+}
+
+/// Where a pod is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PodPhase {
+    /// Accepted, but not every container has started (image missing, waiting to restart).
+    Pending,
+    /// Every container has started and at least one still runs.
+    Running,
+    /// Every container exited with 0 and none will be restarted.
+    Succeeded,
+    /// A container failed and will not be restarted.
+    Failed,
+    /// No longer desired; its containers are being stopped.
+    Terminating,
+}
+
+/// The status of one pod.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PodStatus {
+    /// The pod's name on the node.
+    pub name: String,
+    /// The workload it belongs to.
+    pub workload: String,
+    /// The desired generation whose spec this pod runs.
+    pub generation: u64,
+    /// The pod's phase.
+    pub phase: PodPhase,
+    /// Why the pod is not running, when it is not.
+    pub message: Option<String>,
+    /// One entry per container, in spec order.
+    pub containers: Vec<ContainerStatus>,
+}
+
+/// The status of one container.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContainerStatus {
+    /// The container's name in its pod.
+    pub name: String,
+    /// Its state now.
+    pub state: ContainerState,
+    /// How many times it was started again after exiting.
+    pub restarts: u32,
+}
+
+/// The state of a container.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ContainerState {
+    /// Not running yet, or waiting to be started again.
+    Waiting {
+        /// A short CamelCase reason (`ImageNotFound`, `CreateFailed`, `BackOff`).
+        reason: String,
+        /// A sentence for people.
+        message: Option<String>,
+    },
+    /// Running.
+    Running {
+        /// When it started, in milliseconds since the Unix epoch (device clock).
+        started_at_ms: u64,
+    },
+    /// Exited.
+    Terminated {
+        /// Exit code; 128 + n for a process killed by signal n.
+        exit_code: i32,
+        /// A short reason (`Completed`, `Error`, `OOMKilled`, `Killed`).
+        reason: String,
+        /// A sentence for people.
+        message: Option<String>,
+        /// When it exited, in milliseconds since the Unix epoch (device clock).
+        finished_at_ms: u64,
+    },
+}
