@@ -1,1 +1,242 @@
-fn main() {}
+//! `flotilla`: the controller (`serve`, `up`) and its CLI (`apply`, `get`,
+//! `describe`, `delete`). This file only parses arguments and picks the exit code.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use flotilla_controller::cli::{self, Client, Kind};
+use flotilla_controller::output::Format;
+use flotilla_controller::serve::{self, BrokerChoice, ServeConfig};
+use flotilla_controller::up::{self, UpConfig};
+use flotilla_proto::Topics;
+use tokio_util::sync::CancellationToken;
+
+/// Flotilla: containers on a fleet of edge devices.
+#[derive(Parser)]
+#[command(name = "flotilla", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the controller: HTTP API, store, control loop and (by default) an embedded MQTT broker.
+    Serve(ServeArgs),
+    /// Run a one-machine cluster: the controller plus a local agent.
+    Up {
+        #[command(flatten)]
+        serve: ServeArgs,
+        /// Name of the local node (default: this machine's hostname).
+        #[arg(long)]
+        node: Option<String>,
+        /// Labels of the local node, `key=value`.
+        #[arg(long = "label")]
+        labels: Vec<String>,
+        /// The agent binary (default: flotilla-agent next to this binary, else from PATH).
+        #[arg(long)]
+        agent_bin: Option<PathBuf>,
+    },
+    /// Create or update workloads from manifest files (`-` reads standard input).
+    Apply {
+        /// Manifest files (YAML or JSON, several documents each).
+        #[arg(short = 'f', long = "filename", required = true)]
+        files: Vec<String>,
+        #[command(flatten)]
+        server: ServerArg,
+    },
+    /// List nodes, workloads or pods.
+    Get {
+        /// nodes | workloads | pods
+        kind: String,
+        /// Only this one.
+        name: Option<String>,
+        /// Output format: wide, json or yaml.
+        #[arg(short = 'o', long = "output")]
+        output: Option<String>,
+        #[command(flatten)]
+        server: ServerArg,
+    },
+    /// Show one node, workload or pod in detail.
+    Describe {
+        /// node | workload | pod
+        kind: String,
+        /// Its name (pods are named WORKLOAD@NODE).
+        name: String,
+        #[command(flatten)]
+        server: ServerArg,
+    },
+    /// Delete a workload (its pods are removed from every node).
+    Delete {
+        /// workload
+        kind: String,
+        /// Its name.
+        name: String,
+        #[command(flatten)]
+        server: ServerArg,
+    },
+}
+
+#[derive(Args, Clone)]
+struct ServerArg {
+    /// The controller's API.
+    #[arg(long, env = "FLOTILLA_SERVER", default_value = "http://127.0.0.1:7470")]
+    server: String,
+}
+
+#[derive(Args, Clone)]
+struct ServeArgs {
+    /// Where the store (and, for `up`, the local agent's state) lives.
+    #[arg(long, env = "FLOTILLA_DATA_DIR", default_value = "/var/lib/flotilla")]
+    data_dir: PathBuf,
+    /// Address of the HTTP API.
+    #[arg(long, env = "FLOTILLA_API_LISTEN", default_value = "127.0.0.1:7470")]
+    api_listen: SocketAddr,
+    /// Address of the embedded MQTT broker (devices connect here).
+    #[arg(
+        long,
+        env = "FLOTILLA_MQTT_LISTEN",
+        default_value = "127.0.0.1:1883",
+        conflicts_with = "broker"
+    )]
+    mqtt_listen: SocketAddr,
+    /// Use this external broker instead of the embedded one: mqtt://HOST[:PORT].
+    #[arg(long, env = "FLOTILLA_BROKER")]
+    broker: Option<String>,
+    /// MQTT topic root.
+    #[arg(long, env = "FLOTILLA_TOPIC_PREFIX", default_value = flotilla_proto::DEFAULT_PREFIX)]
+    topic_prefix: String,
+}
+
+impl ServeArgs {
+    fn config(&self, data_dir: PathBuf) -> anyhow::Result<ServeConfig> {
+        let broker = match &self.broker {
+            Some(url) => {
+                let (host, port) = serve::parse_broker_url(url)?;
+                BrokerChoice::External { host, port }
+            }
+            None => BrokerChoice::Embedded {
+                listen: self.mqtt_listen,
+            },
+        };
+        Ok(ServeConfig {
+            data_dir,
+            api_listen: self.api_listen,
+            broker,
+            topics: Topics::new(&self.topic_prefix),
+        })
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Serve(args) => {
+            init_tracing();
+            let config = args.config(args.data_dir.clone())?;
+            server_runtime()?.block_on(async {
+                let shutdown = shutdown_on_signal();
+                serve::run(config, shutdown).await
+            })
+        }
+        Command::Up {
+            serve,
+            node,
+            labels,
+            agent_bin,
+        } => {
+            init_tracing();
+            let node = node.unwrap_or_else(up::default_node_name);
+            if let Err(e) = flotilla_proto::check_name(&node) {
+                anyhow::bail!("--node {node:?}: {e}");
+            }
+            let config = UpConfig {
+                serve: serve.config(serve.data_dir.join("controller"))?,
+                agent_bin: agent_bin.unwrap_or_else(up::default_agent_bin),
+                agent_data_dir: serve.data_dir.join("agent"),
+                node,
+                labels,
+            };
+            server_runtime()?.block_on(async {
+                let shutdown = shutdown_on_signal();
+                up::run(config, shutdown).await
+            })
+        }
+        Command::Apply { files, server } => cli::apply(&Client::new(&server.server), &files),
+        Command::Get {
+            kind,
+            name,
+            output,
+            server,
+        } => cli::get(
+            &Client::new(&server.server),
+            Kind::parse(&kind)?,
+            name.as_deref(),
+            Format::parse(output.as_deref())?,
+        ),
+        Command::Describe { kind, name, server } => {
+            cli::describe(&Client::new(&server.server), Kind::parse(&kind)?, &name)
+        }
+        Command::Delete { kind, name, server } => {
+            cli::delete(&Client::new(&server.server), Kind::parse(&kind)?, &name)
+        }
+    }
+}
+
+fn server_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
+}
+
+/// A token cancelled on SIGINT or SIGTERM.
+fn shutdown_on_signal() -> CancellationToken {
+    let token = CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!("cannot listen for SIGTERM: {e}");
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        tracing::info!("shutting down");
+        t.cancel();
+    });
+    token
+}
+
+fn init_tracing() {
+    let filter = std::env::var("FLOTILLA_LOG")
+        .ok()
+        .and_then(|s| s.parse::<tracing_subscriber::filter::Targets>().ok())
+        .unwrap_or_else(|| {
+            tracing_subscriber::filter::Targets::new()
+                .with_default(tracing::Level::INFO)
+                .with_target("rmqtt", tracing::Level::WARN)
+        });
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    tracing_subscriber::registry()
+        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+        .with(filter)
+        .init();
+}

@@ -1,0 +1,147 @@
+//! Every rmqtt setting the embedded broker runs with, in one place: the
+//! server context, the retainer plugin, the hooks, and the TCP listener.
+//! Future auth (TLS listener, credentials, ACL hooks) is wired in here too.
+
+use std::io;
+use std::net::SocketAddr;
+
+use rmqtt::context::ServerContext;
+use rmqtt::hook::Type;
+use rmqtt::net::Builder;
+use rmqtt::server::MqttServer;
+
+use super::admission::{Admission, Policy};
+use super::{BoxError, BrokerConfig, BrokerError};
+
+/// Name the retainer plugin is registered and configured under.
+const RETAINER: &str = "rmqtt-retainer";
+
+/// Longest client id accepted. Agents use their node name (a DNS label);
+/// this leaves room for prefixes while keeping ids bounded.
+const MAX_CLIENT_ID_LEN: usize = 256;
+
+/// Deepest topic accepted. Flotilla's own topics have six levels under a
+/// two-level prefix; a longer custom prefix still fits.
+const MAX_TOPIC_LEVELS: usize = 32;
+
+/// Binds the listener, then builds a broker ready to `run()`. Returns it with
+/// the address actually bound (the real port when the config asked for 0).
+pub(super) async fn build(
+    config: &BrokerConfig,
+    policy: Policy,
+) -> Result<(MqttServer, SocketAddr), BrokerError> {
+    // Binding first is the port check: rmqtt's `bind()` returns an error for
+    // a port in use, where `MqttServer::start()` would exit the process. The
+    // listener id is the real port, unique since this context has one
+    // listener, so `listener_by_id()` cannot panic on a duplicate.
+    let listener = listener_builder(config)
+        .bind()
+        .map_err(|e| BrokerError::Bind {
+            addr: config.listen,
+            source: into_io(e),
+        })?
+        .tcp()
+        .map_err(setup_error("tcp listener"))?;
+    let local_addr = listener.local_addr().map_err(|e| BrokerError::Bind {
+        addr: config.listen,
+        source: into_io(e),
+    })?;
+
+    let scx = ServerContext::new()
+        // The busy check compares load in mismatched units and can refuse
+        // CONNECTs under load (see notes/mqtt-brokers.md).
+        .busy_check_enable(false)
+        .plugins_config_map_add(RETAINER, retainer_config(config))
+        .build()
+        .await;
+
+    rmqtt_retainer::register_named(&scx, RETAINER, true, false)
+        .await
+        .map_err(setup_error("retainer plugin"))?;
+
+    let hooks = scx.extends.hook_mgr().register();
+    hooks
+        .add(Type::ClientAuthenticate, Box::new(Admission::new(policy)))
+        .await;
+    hooks.start().await;
+
+    let server = MqttServer::new(scx)
+        .listener_by_id(listener, local_addr.port())
+        .build();
+    Ok((server, local_addr))
+}
+
+fn listener_builder(config: &BrokerConfig) -> Builder {
+    Builder::new()
+        .name("flotilla/tcp")
+        .laddr(config.listen)
+        // A freshly stopped broker leaves its closed connections in
+        // TIME_WAIT; without SO_REUSEADDR the next one could not bind.
+        .reuseaddr(Some(true))
+        // Without it QoS 1 round trips stall ~40 ms (Nagle + delayed ACK).
+        .nodelay(true)
+        .max_connections(config.max_connections)
+        .max_packet_size(config.max_packet_size)
+        // Anonymous clients would otherwise skip the `ClientAuthenticate`
+        // hook; `Admission` decides for everyone instead.
+        .allow_anonymous(false)
+        // Keepalive is how a half-open link is noticed and the will (a
+        // device's Offline presence) published; zero would disable it.
+        .allow_zero_keepalive(false)
+        .max_inflight(config.max_inflight)
+        .max_mqueue_len(config.max_queued_messages)
+        .max_clientid_len(MAX_CLIENT_ID_LEN)
+        .max_topic_levels(MAX_TOPIC_LEVELS)
+        .session_expiry_interval(config.session_expiry)
+        .message_expiry_interval(config.message_expiry)
+}
+
+/// The retainer keeps retained messages in memory. Its defaults would both
+/// expire retained messages with the message expiry (a node's desired state
+/// must stay until replaced) and silently store payloads over 1 MB as
+/// ordinary messages (a desired state can be 1 MiB plus its frame).
+fn retainer_config(config: &BrokerConfig) -> String {
+    format!(
+        "max_retained_messages = {max}\n\
+         max_payload_size = \"{size}B\"\n\
+         retained_message_ttl = \"0s\"\n\
+         \n\
+         [storage]\n\
+         type = \"ram\"\n",
+        max = config.max_retained_messages,
+        size = config.max_packet_size,
+    )
+}
+
+/// rmqtt reports errors as `anyhow::Error`; socket errors underneath are
+/// `io::Error` and are kept as such.
+fn into_io(e: rmqtt::Error) -> io::Error {
+    match e.downcast::<io::Error>() {
+        Ok(io) => io,
+        Err(other) => io::Error::other(BoxError::from(other)),
+    }
+}
+
+fn setup_error(step: &'static str) -> impl FnOnce(rmqtt::Error) -> BrokerError {
+    move |e| BrokerError::Setup {
+        step,
+        source: BoxError::from(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retainer_config_keeps_retained_messages_forever_and_large() {
+        let mut config = BrokerConfig::new("127.0.0.1:0".parse().unwrap());
+        config.max_packet_size = 3 * 1024 * 1024;
+        config.max_retained_messages = 7;
+        let text = retainer_config(&config);
+        assert!(text.contains("retained_message_ttl = \"0s\""), "{text}");
+        assert!(text.contains("max_payload_size = \"3145728B\""), "{text}");
+        assert!(text.contains("max_retained_messages = 7"), "{text}");
+        assert!(text.contains("type = \"ram\""), "{text}");
+    }
+}

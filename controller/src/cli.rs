@@ -1,0 +1,179 @@
+//! The kubectl-shaped CLI: a thin client of the HTTP API. Every command is
+//! one request; what it prints is computed from the JSON the API returns.
+
+use std::io::Read;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use serde_json::Value;
+
+use crate::output::{self, Format};
+
+/// Kinds of object the CLI knows, with kubectl-style aliases.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// Nodes.
+    Node,
+    /// Workloads.
+    Workload,
+    /// Pods.
+    Pod,
+}
+
+impl Kind {
+    /// Parses `node`, `nodes`, `no`, `workload`, `workloads`, `wl`, `pod`, `pods`, `po`.
+    pub fn parse(s: &str) -> anyhow::Result<Kind> {
+        Ok(match s {
+            "node" | "nodes" | "no" => Kind::Node,
+            "workload" | "workloads" | "wl" => Kind::Workload,
+            "pod" | "pods" | "po" => Kind::Pod,
+            other => bail!("unknown resource type {other:?} (expected nodes, workloads or pods)"),
+        })
+    }
+
+    fn path(self) -> &'static str {
+        match self {
+            Kind::Node => "nodes",
+            Kind::Workload => "workloads",
+            Kind::Pod => "pods",
+        }
+    }
+
+    fn singular(self) -> &'static str {
+        match self {
+            Kind::Node => "node",
+            Kind::Workload => "workload",
+            Kind::Pod => "pod",
+        }
+    }
+}
+
+/// An API client.
+pub struct Client {
+    base: String,
+    agent: ureq::Agent,
+}
+
+impl Client {
+    /// A client of the API at `server` (`http://host:port`).
+    pub fn new(server: &str) -> Self {
+        let agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(30)))
+            .build()
+            .into();
+        Self {
+            base: server.trim_end_matches('/').to_string(),
+            agent,
+        }
+    }
+
+    fn call(&self, method: &str, path: &str, body: Option<String>) -> anyhow::Result<Value> {
+        let url = format!("{}{}", self.base, path);
+        let result = match (method, body) {
+            ("POST", Some(body)) => self
+                .agent
+                .post(&url)
+                .header("content-type", "application/yaml")
+                .send(body),
+            ("DELETE", _) => self.agent.delete(&url).call(),
+            _ => self.agent.get(&url).call(),
+        };
+        let mut response =
+            result.with_context(|| format!("cannot reach the flotilla API at {}", self.base))?;
+        let status = response.status();
+        let text = response
+            .body_mut()
+            .with_config()
+            .limit(64 * 1024 * 1024)
+            .read_to_string()
+            .with_context(|| format!("reading the response from {url}"))?;
+        let value: Value = serde_json::from_str(&text).with_context(|| {
+            format!("{url}: the server answered {status} with a body that is not JSON")
+        })?;
+        if !status.is_success() {
+            let msg = value["error"].as_str().unwrap_or("no message");
+            bail!("{msg}");
+        }
+        Ok(value)
+    }
+}
+
+/// `flotilla apply -f FILE…` (`-` reads standard input).
+pub fn apply(client: &Client, files: &[String]) -> anyhow::Result<()> {
+    for file in files {
+        let text = if file == "-" {
+            let mut s = String::new();
+            std::io::stdin()
+                .read_to_string(&mut s)
+                .context("reading standard input")?;
+            s
+        } else {
+            std::fs::read_to_string(file).with_context(|| format!("reading {file}"))?
+        };
+        let answer = client
+            .call("POST", "/v1/apply", Some(text))
+            .with_context(|| file.clone())?;
+        for item in answer["applied"].as_array().into_iter().flatten() {
+            println!(
+                "{}/{} {}",
+                item["kind"].as_str().unwrap_or("").to_lowercase(),
+                item["name"].as_str().unwrap_or(""),
+                item["result"].as_str().unwrap_or("")
+            );
+        }
+    }
+    Ok(())
+}
+
+/// `flotilla get KIND [NAME] [-o FORMAT]`.
+pub fn get(client: &Client, kind: Kind, name: Option<&str>, format: Format) -> anyhow::Result<()> {
+    let value = match name {
+        Some(name) => client.call("GET", &format!("/v1/{}/{name}", kind.path()), None)?,
+        None => client.call("GET", &format!("/v1/{}", kind.path()), None)?,
+    };
+    let items: Vec<Value> = match name {
+        Some(_) => vec![value.clone()],
+        None => value["items"].as_array().cloned().unwrap_or_default(),
+    };
+    match format {
+        Format::Json => println!("{}", serde_json::to_string_pretty(&value)?),
+        Format::Yaml => print!("{}", serde_norway::to_string(&value)?),
+        Format::Table | Format::Wide => {
+            if items.is_empty() {
+                eprintln!("No {} found.", kind.path());
+                return Ok(());
+            }
+            let wide = format == Format::Wide;
+            let table = match kind {
+                Kind::Node => output::nodes_table(&items, wide),
+                Kind::Workload => output::workloads_table(&items, wide),
+                Kind::Pod => output::pods_table(&items, wide),
+            };
+            print!("{table}");
+        }
+    }
+    Ok(())
+}
+
+/// `flotilla describe KIND NAME`.
+pub fn describe(client: &Client, kind: Kind, name: &str) -> anyhow::Result<()> {
+    let value = client.call("GET", &format!("/v1/{}/{name}", kind.path()), None)?;
+    let text = match kind {
+        Kind::Node => output::describe_node(&value),
+        Kind::Workload => output::describe_workload(&value)?,
+        Kind::Pod => output::describe_pod(&value),
+    };
+    print!("{text}");
+    Ok(())
+}
+
+/// `flotilla delete KIND NAME`.
+pub fn delete(client: &Client, kind: Kind, name: &str) -> anyhow::Result<()> {
+    if kind != Kind::Workload {
+        bail!("only workloads can be deleted (nodes and pods follow from them)");
+    }
+    client.call("DELETE", &format!("/v1/{}/{name}", kind.path()), None)?;
+    println!("{}/{name} deleted", kind.singular());
+    Ok(())
+}

@@ -1,0 +1,190 @@
+//! The fleet as the controller knows it: one record per node, fed by the
+//! nodes' presence and status messages, with the rules for which message wins.
+
+use std::collections::BTreeMap;
+
+use flotilla_proto::{NodeStatus, Presence};
+
+/// Whether a node is connected, as far as the controller knows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Readiness {
+    /// Its agent is connected.
+    Ready,
+    /// Its agent disconnected (last will or clean shutdown).
+    NotReady,
+    /// Not heard from since the controller started.
+    Unknown,
+}
+
+impl Readiness {
+    /// The name shown to users.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Ready => "Ready",
+            Self::NotReady => "NotReady",
+            Self::Unknown => "Unknown",
+        }
+    }
+}
+
+/// One node.
+#[derive(Debug, Clone)]
+pub struct Node {
+    /// Connected or not.
+    pub readiness: Readiness,
+    /// The newest status it reported.
+    pub status: Option<NodeStatus>,
+    /// Last time it was heard from (ms since the epoch, controller clock).
+    pub last_seen_ms: u64,
+}
+
+impl Node {
+    fn new() -> Self {
+        Self {
+            readiness: Readiness::Unknown,
+            status: None,
+            last_seen_ms: 0,
+        }
+    }
+
+    /// The labels its agent reported, as a map.
+    pub fn labels(&self) -> BTreeMap<String, String> {
+        self.status
+            .iter()
+            .flat_map(|s| &s.info.labels)
+            .map(|l| (l.key.clone(), l.value.clone()))
+            .collect()
+    }
+}
+
+/// What an incoming status did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StatusOutcome {
+    /// Older than what is held (MQTT redelivery can reorder): ignored.
+    Stale,
+    /// Newer, and the node's labels (so its placement) did not change.
+    Updated,
+    /// Newer, and the node is new or its labels changed: placement must be recomputed.
+    Relabelled,
+}
+
+/// Every node by name.
+#[derive(Debug, Default)]
+pub struct Fleet {
+    nodes: BTreeMap<String, Node>,
+}
+
+impl Fleet {
+    /// Every node, by name.
+    pub fn nodes(&self) -> &BTreeMap<String, Node> {
+        &self.nodes
+    }
+
+    /// One node.
+    pub fn get(&self, name: &str) -> Option<&Node> {
+        self.nodes.get(name)
+    }
+
+    /// Restores a node from the store at start (readiness unknown until it speaks).
+    pub fn restore(&mut self, status: NodeStatus, last_seen_ms: u64) {
+        let node = self
+            .nodes
+            .entry(status.node.clone())
+            .or_insert_with(Node::new);
+        node.status = Some(status);
+        node.last_seen_ms = last_seen_ms;
+    }
+
+    /// Applies a status. A status from the same agent process (same
+    /// `instance`) with a `seq` not above the one held is stale; a new
+    /// instance means the agent restarted and always wins.
+    pub fn ingest_status(&mut self, status: NodeStatus, now_ms: u64) -> StatusOutcome {
+        let node = self
+            .nodes
+            .entry(status.node.clone())
+            .or_insert_with(Node::new);
+        if let Some(old) = &node.status
+            && old.instance == status.instance
+            && old.seq >= status.seq
+        {
+            return StatusOutcome::Stale;
+        }
+        let relabelled = node
+            .status
+            .as_ref()
+            .is_none_or(|old| old.info.labels != status.info.labels);
+        node.status = Some(status);
+        node.last_seen_ms = now_ms;
+        if relabelled {
+            StatusOutcome::Relabelled
+        } else {
+            StatusOutcome::Updated
+        }
+    }
+
+    /// Applies a presence message.
+    pub fn ingest_presence(&mut self, name: &str, presence: &Presence, now_ms: u64) {
+        let node = self.nodes.entry(name.to_string()).or_insert_with(Node::new);
+        node.readiness = match presence {
+            Presence::Online { .. } => Readiness::Ready,
+            Presence::Offline => Readiness::NotReady,
+        };
+        node.last_seen_ms = now_ms;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flotilla_proto::{Label, NodeInfo};
+
+    fn status(instance: u64, seq: u64, site: &str) -> NodeStatus {
+        NodeStatus {
+            node: "pi-1".into(),
+            instance,
+            seq,
+            observed_generation: 0,
+            desired_error: None,
+            info: NodeInfo {
+                labels: vec![Label {
+                    key: "site".into(),
+                    value: site.into(),
+                }],
+                ..NodeInfo::default()
+            },
+            pods: vec![],
+        }
+    }
+
+    #[test]
+    fn newest_status_wins_whatever_the_order() {
+        let mut fleet = Fleet::default();
+        assert_eq!(
+            fleet.ingest_status(status(1, 5, "a"), 10),
+            StatusOutcome::Relabelled
+        );
+        assert_eq!(
+            fleet.ingest_status(status(1, 4, "b"), 11),
+            StatusOutcome::Stale
+        );
+        assert_eq!(
+            fleet.ingest_status(status(1, 5, "b"), 11),
+            StatusOutcome::Stale
+        );
+        assert_eq!(
+            fleet.ingest_status(status(1, 6, "a"), 12),
+            StatusOutcome::Updated
+        );
+        // A restarted agent starts its sequence again.
+        assert_eq!(
+            fleet.ingest_status(status(2, 1, "b"), 13),
+            StatusOutcome::Relabelled
+        );
+        let node = fleet.get("pi-1").unwrap();
+        assert_eq!(node.labels()["site"], "b");
+        assert_eq!(node.last_seen_ms, 13);
+        assert_eq!(node.readiness, Readiness::Unknown);
+        fleet.ingest_presence("pi-1", &Presence::Offline, 14);
+        assert_eq!(fleet.get("pi-1").unwrap().readiness, Readiness::NotReady);
+    }
+}

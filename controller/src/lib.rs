@@ -1,0 +1,15 @@
+//! The Flotilla controller: HTTP API, store, control loop and embedded MQTT
+//! broker, and the kubectl-shaped CLI that talks to the API.
+
+pub mod api;
+pub mod broker;
+pub mod cli;
+pub mod control;
+pub mod fleet;
+pub mod manifest;
+pub mod mqtt;
+pub mod output;
+pub mod serve;
+pub mod store;
+pub mod up;
+pub mod view;

@@ -1,0 +1,169 @@
+//! The controller's MQTT session — the only module that touches rumqttc.
+//! It subscribes to every node's status and presence, hands what arrives to
+//! the control loop as raw frames, and publishes desired state retained.
+
+use std::time::Duration;
+
+use flotilla_proto::{TopicKind, Topics};
+use rand::Rng;
+use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// Largest MQTT packet accepted or sent (a desired state is at most 1 MiB).
+const MAX_PACKET: usize = 2 * 1024 * 1024;
+
+/// Where the broker is and how to talk to it.
+#[derive(Debug, Clone)]
+pub struct MqttConfig {
+    /// Broker host.
+    pub host: String,
+    /// Broker port.
+    pub port: u16,
+    /// MQTT client id of the controller.
+    pub client_id: String,
+    /// Topic names.
+    pub topics: Topics,
+    /// Keepalive interval.
+    pub keepalive: Duration,
+}
+
+/// What the session hands to the control loop.
+#[derive(Debug)]
+pub enum Incoming {
+    /// (Re)connected: every subscription is fresh and retained messages follow.
+    Connected,
+    /// A frame on a node's status topic.
+    Status { node: String, frame: Vec<u8> },
+    /// A frame on a node's presence topic.
+    Presence { node: String, frame: Vec<u8> },
+}
+
+/// Errors from publishing.
+#[derive(Debug, thiserror::Error)]
+pub enum MqttError {
+    /// The session's request queue is closed (the session stopped).
+    #[error("mqtt session stopped: {0}")]
+    Closed(#[from] rumqttc::ClientError),
+}
+
+/// Handle for publishing.
+#[derive(Clone)]
+pub struct MqttHandle {
+    client: AsyncClient,
+    topics: Topics,
+}
+
+impl MqttHandle {
+    /// Publishes a node's desired-state frame, retained, QoS 1. Waits while
+    /// the outgoing queue is full rather than dropping.
+    pub async fn publish_desired(&self, node: &str, frame: Vec<u8>) -> Result<(), MqttError> {
+        self.client
+            .publish(self.topics.desired(node), QoS::AtLeastOnce, true, frame)
+            .await?;
+        Ok(())
+    }
+}
+
+/// Starts the session: returns the publish handle, and a task that runs the
+/// event loop until `shutdown`, feeding `incoming`.
+pub fn start(
+    config: MqttConfig,
+    incoming: mpsc::Sender<Incoming>,
+    shutdown: CancellationToken,
+) -> (MqttHandle, impl std::future::Future<Output = ()>) {
+    let mut options = MqttOptions::new(config.client_id.clone(), config.host.clone(), config.port);
+    options.set_keep_alive(config.keepalive);
+    // A clean session: on every connect the controller subscribes afresh and
+    // the broker replays every retained status and presence, so the control
+    // loop rebuilds its view of the fleet from what the broker holds.
+    options.set_clean_session(true);
+    options.set_max_packet_size(MAX_PACKET, MAX_PACKET);
+    options.set_inflight(100);
+    let (client, mut eventloop) = AsyncClient::new(options, 4096);
+    let mut network = eventloop.network_options();
+    network.set_tcp_nodelay(true);
+    network.set_connection_timeout(5);
+    eventloop.set_network_options(network);
+
+    let handle = MqttHandle {
+        client: client.clone(),
+        topics: config.topics.clone(),
+    };
+    let task = async move {
+        tokio::select! {
+            () = run(&config, &client, &mut eventloop, &incoming) => {}
+            () = shutdown.cancelled() => {
+                let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                    let _ = client.disconnect().await;
+                    // Drive the loop so the DISCONNECT is actually sent.
+                    while eventloop.poll().await.is_ok() {}
+                })
+                .await;
+            }
+        }
+    };
+    (handle, task)
+}
+
+async fn run(
+    config: &MqttConfig,
+    client: &AsyncClient,
+    eventloop: &mut EventLoop,
+    incoming: &mpsc::Sender<Incoming>,
+) {
+    let mut failures = 0u32;
+    loop {
+        match eventloop.poll().await {
+            Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                failures = 0;
+                tracing::info!(broker = %format!("{}:{}", config.host, config.port), "connected to broker");
+                for kind in [TopicKind::Presence, TopicKind::Status] {
+                    if let Err(e) = client
+                        .subscribe(config.topics.all_nodes(kind), QoS::AtLeastOnce)
+                        .await
+                    {
+                        tracing::error!("subscribing: {e}");
+                    }
+                }
+                if incoming.send(Incoming::Connected).await.is_err() {
+                    return;
+                }
+            }
+            Ok(Event::Incoming(Packet::Publish(publish))) => {
+                let Some((node, kind)) = config.topics.parse(&publish.topic) else {
+                    tracing::debug!(topic = %publish.topic, "ignoring message on an unknown topic");
+                    continue;
+                };
+                let node = node.to_string();
+                let frame = publish.payload.to_vec();
+                let msg = match kind {
+                    TopicKind::Status => Incoming::Status { node, frame },
+                    TopicKind::Presence => Incoming::Presence { node, frame },
+                    _ => continue,
+                };
+                if incoming.send(msg).await.is_err() {
+                    return;
+                }
+            }
+            Ok(_) => {}
+            Err(e) => {
+                failures = failures.saturating_add(1);
+                let delay = backoff(failures);
+                tracing::warn!(
+                    "broker {}:{}: {e}; retrying in {delay:?}",
+                    config.host,
+                    config.port
+                );
+                tokio::time::sleep(delay).await;
+            }
+        }
+    }
+}
+
+/// Jittered exponential back-off: 0.25 s doubling to 10 s, ±50 %.
+fn backoff(failures: u32) -> Duration {
+    let base = 250u64.saturating_mul(1 << failures.min(6)).min(10_000);
+    let jitter = rand::rng().random_range(0.5..1.5);
+    Duration::from_millis((base as f64 * jitter) as u64)
+}

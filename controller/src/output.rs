@@ -1,0 +1,372 @@
+//! How the CLI prints API objects: aligned tables for `get`, key/value
+//! sections for `describe`.
+
+use std::fmt::Write;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde_json::Value;
+
+/// `-o` formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// Aligned columns.
+    Table,
+    /// Aligned columns, more of them.
+    Wide,
+    /// The API's JSON, pretty.
+    Json,
+    /// The API's JSON as YAML.
+    Yaml,
+}
+
+impl Format {
+    /// Parses `wide`, `json`, `yaml`; no flag is `Table`.
+    pub fn parse(s: Option<&str>) -> anyhow::Result<Format> {
+        Ok(match s {
+            None => Format::Table,
+            Some("wide") => Format::Wide,
+            Some("json") => Format::Json,
+            Some("yaml") => Format::Yaml,
+            Some(other) => {
+                anyhow::bail!("unknown output format {other:?} (expected wide, json or yaml)")
+            }
+        })
+    }
+}
+
+/// Lays out rows under a header, columns padded to their widest cell.
+fn table(header: &[&str], rows: Vec<Vec<String>>) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let mut line = |cells: Vec<String>| {
+        let last = cells.len().saturating_sub(1);
+        let mut s = String::new();
+        for (i, (cell, w)) in cells.iter().zip(&widths).enumerate() {
+            if i == last {
+                s.push_str(cell);
+            } else {
+                let _ = write!(s, "{cell:<w$}   ");
+            }
+        }
+        out.push_str(s.trim_end());
+        out.push('\n');
+    };
+    line(header.iter().map(|h| h.to_string()).collect());
+    for row in rows {
+        line(row);
+    }
+    out
+}
+
+fn s(v: &Value) -> String {
+    match v {
+        Value::Null => "<none>".into(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// `5s`, `3m`, `2h`, `4d` since `ms` (ms since the epoch); `<never>` for 0.
+pub fn age(ms: u64) -> String {
+    if ms == 0 {
+        return "<never>".into();
+    }
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let secs = now.saturating_sub(ms) / 1000;
+    match secs {
+        0..=119 => format!("{secs}s"),
+        120..=7199 => format!("{}m", secs / 60),
+        7200..=172_799 => format!("{}h", secs / 3600),
+        _ => format!("{}d", secs / 86400),
+    }
+}
+
+fn labels(v: &Value) -> String {
+    let pairs: Vec<String> = v
+        .as_object()
+        .into_iter()
+        .flatten()
+        .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or("")))
+        .collect();
+    if pairs.is_empty() {
+        "<none>".into()
+    } else {
+        pairs.join(",")
+    }
+}
+
+fn bytes(v: &Value) -> String {
+    match v.as_u64() {
+        Some(b) if b >= 1 << 30 => format!("{:.1}Gi", b as f64 / (1u64 << 30) as f64),
+        Some(b) => format!("{}Mi", b >> 20),
+        None => "<unknown>".into(),
+    }
+}
+
+/// `get nodes`.
+pub fn nodes_table(items: &[Value], wide: bool) -> String {
+    let mut header = vec![
+        "NAME",
+        "STATUS",
+        "ARCH",
+        "VERSION",
+        "PODS",
+        "SYNCED",
+        "LAST-SEEN",
+    ];
+    if wide {
+        header.extend(["CPUS", "MEMORY", "LABELS"]);
+    }
+    let rows = items
+        .iter()
+        .map(|n| {
+            let synced = if n["desiredGeneration"] == n["observedGeneration"] {
+                "yes"
+            } else {
+                "no"
+            };
+            let mut row = vec![
+                s(&n["name"]),
+                s(&n["status"]),
+                s(&n["arch"]),
+                s(&n["agentVersion"]),
+                s(&n["podCount"]),
+                format!(
+                    "{} ({}/{})",
+                    synced, n["observedGeneration"], n["desiredGeneration"]
+                ),
+                age(n["lastSeenMs"].as_u64().unwrap_or(0)),
+            ];
+            if wide {
+                row.extend([
+                    s(&n["cpus"]),
+                    bytes(&n["memoryBytes"]),
+                    labels(&n["labels"]),
+                ]);
+            }
+            row
+        })
+        .collect();
+    table(&header, rows)
+}
+
+/// `get workloads`.
+pub fn workloads_table(items: &[Value], wide: bool) -> String {
+    let mut header = vec!["NAME", "RUNNING", "IMAGES"];
+    if wide {
+        header.push("SELECTOR");
+    }
+    let rows = items
+        .iter()
+        .map(|w| {
+            let images: Vec<String> = w["images"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(s)
+                .collect();
+            let mut row = vec![
+                s(&w["name"]),
+                format!("{}/{}", w["runningPods"], w["desiredPods"]),
+                images.join(","),
+            ];
+            if wide {
+                row.push(labels(&w["manifest"]["spec"]["nodeSelector"]));
+            }
+            row
+        })
+        .collect();
+    table(&header, rows)
+}
+
+/// `get pods`.
+pub fn pods_table(items: &[Value], wide: bool) -> String {
+    let mut header = vec!["NAME", "NODE", "PHASE", "READY", "RESTARTS"];
+    if wide {
+        header.extend(["GENERATION", "MESSAGE"]);
+    }
+    let rows = items
+        .iter()
+        .map(|p| {
+            let mut row = vec![
+                s(&p["name"]),
+                s(&p["node"]),
+                s(&p["phase"]),
+                s(&p["ready"]),
+                s(&p["restarts"]),
+            ];
+            if wide {
+                row.push(format!(
+                    "{}/{}",
+                    s(&p["podGeneration"]),
+                    p["desiredGeneration"]
+                ));
+                row.push(pod_message(p));
+            }
+            row
+        })
+        .collect();
+    table(&header, rows)
+}
+
+/// The first thing worth telling about a pod that is not plainly running.
+fn pod_message(p: &Value) -> String {
+    if let Some(m) = p["message"].as_str() {
+        return m.to_string();
+    }
+    for c in p["containers"].as_array().into_iter().flatten() {
+        if c["state"] != "Running" {
+            let reason = s(&c["reason"]);
+            return match c["message"].as_str() {
+                Some(m) => format!("{}: {reason}: {m}", s(&c["name"])),
+                None => format!("{}: {reason}", s(&c["name"])),
+            };
+        }
+    }
+    String::new()
+}
+
+fn container_lines(out: &mut String, containers: &Value) {
+    for c in containers.as_array().into_iter().flatten() {
+        let _ = writeln!(out, "  {}:", s(&c["name"]));
+        let _ = writeln!(out, "    State:     {}", s(&c["state"]));
+        for (key, label) in [
+            ("reason", "Reason"),
+            ("message", "Message"),
+            ("exitCode", "Exit Code"),
+        ] {
+            if !c[key].is_null() {
+                let _ = writeln!(out, "    {:<10} {}", format!("{label}:"), s(&c[key]));
+            }
+        }
+        if let Some(ms) = c["startedAtMs"].as_u64() {
+            let _ = writeln!(out, "    Started:   {} ago", age(ms));
+        }
+        if let Some(ms) = c["finishedAtMs"].as_u64() {
+            let _ = writeln!(out, "    Finished:  {} ago", age(ms));
+        }
+        let _ = writeln!(out, "    Restarts:  {}", s(&c["restarts"]));
+    }
+}
+
+/// `describe pod`.
+pub fn describe_pod(p: &Value) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "Name:        {}", s(&p["name"]));
+    let _ = writeln!(out, "Workload:    {}", s(&p["workload"]));
+    let _ = writeln!(
+        out,
+        "Node:        {} ({})",
+        s(&p["node"]),
+        s(&p["nodeStatus"])
+    );
+    let _ = writeln!(out, "Phase:       {}", s(&p["phase"]));
+    if !p["message"].is_null() {
+        let _ = writeln!(out, "Message:     {}", s(&p["message"]));
+    }
+    let _ = writeln!(
+        out,
+        "Generation:  runs {} (node at {}, desired {})",
+        s(&p["podGeneration"]),
+        p["observedGeneration"],
+        p["desiredGeneration"]
+    );
+    let _ = writeln!(out, "Containers:");
+    container_lines(&mut out, &p["containers"]);
+    out
+}
+
+/// `describe node`.
+pub fn describe_node(n: &Value) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "Name:          {}", s(&n["name"]));
+    let _ = writeln!(out, "Status:        {}", s(&n["status"]));
+    let _ = writeln!(out, "Labels:        {}", labels(&n["labels"]));
+    let _ = writeln!(out, "Architecture:  {}/{}", s(&n["os"]), s(&n["arch"]));
+    let _ = writeln!(out, "Agent:         {}", s(&n["agentVersion"]));
+    let _ = writeln!(
+        out,
+        "Capacity:      {} cpus, {} memory",
+        s(&n["cpus"]),
+        bytes(&n["memoryBytes"])
+    );
+    let _ = writeln!(
+        out,
+        "Last seen:     {} ago",
+        age(n["lastSeenMs"].as_u64().unwrap_or(0))
+    );
+    let _ = writeln!(
+        out,
+        "Generation:    observed {} of desired {}",
+        n["observedGeneration"], n["desiredGeneration"]
+    );
+    if !n["desiredError"].is_null() {
+        let _ = writeln!(out, "Desired error: {}", s(&n["desiredError"]));
+    }
+    let _ = writeln!(out, "Pods:");
+    let pods = n["pods"].as_array().cloned().unwrap_or_default();
+    if pods.is_empty() {
+        let _ = writeln!(out, "  <none>");
+    } else {
+        for line in pods_table(&pods, false).lines() {
+            let _ = writeln!(out, "  {line}");
+        }
+    }
+    out
+}
+
+/// `describe workload`.
+pub fn describe_workload(w: &Value) -> anyhow::Result<String> {
+    let mut out = String::new();
+    let _ = writeln!(out, "Name:     {}", s(&w["name"]));
+    let _ = writeln!(out, "Running:  {}/{}", w["runningPods"], w["desiredPods"]);
+    let _ = writeln!(out, "Manifest:");
+    for line in serde_norway::to_string(&w["manifest"])?.lines() {
+        let _ = writeln!(out, "  {line}");
+    }
+    let _ = writeln!(out, "Pods:");
+    let pods = w["pods"].as_array().cloned().unwrap_or_default();
+    if pods.is_empty() {
+        let _ = writeln!(out, "  <none> (no node matches the selector)");
+    } else {
+        for line in pods_table(&pods, true).lines() {
+            let _ = writeln!(out, "  {line}");
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn tables_align() {
+        let pods = vec![
+            json!({"name": "web@pi-1", "node": "pi-1", "phase": "Running", "ready": "1/1", "restarts": 0}),
+            json!({"name": "db@shop-server", "node": "shop-server", "phase": "Pending", "ready": "0/1", "restarts": 12}),
+        ];
+        assert_eq!(
+            pods_table(&pods, false),
+            "NAME             NODE          PHASE     READY   RESTARTS\n\
+             web@pi-1         pi-1          Running   1/1     0\n\
+             db@shop-server   shop-server   Pending   0/1     12\n"
+        );
+    }
+
+    #[test]
+    fn pod_message_names_the_waiting_container() {
+        let p = json!({"message": null, "containers": [
+            {"name": "a", "state": "Running"},
+            {"name": "b", "state": "Waiting", "reason": "ImageNotFound", "message": "no such layout"}]});
+        assert_eq!(pod_message(&p), "b: ImageNotFound: no such layout");
+    }
+}

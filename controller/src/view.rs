@@ -1,0 +1,212 @@
+//! What the API shows of the cluster: nodes, workloads and pods as JSON
+//! objects, computed from the control loop's state. Pods are named
+//! `{workload}@{node}`.
+
+use flotilla_proto::{ContainerState, ContainerStatus, PodPhase, PodStatus};
+use serde_json::{Value, json};
+
+use crate::control::Cluster;
+use crate::fleet::{Node, Readiness};
+
+/// Every node, sorted by name.
+pub fn nodes(c: &Cluster) -> Vec<Value> {
+    c.fleet
+        .nodes()
+        .iter()
+        .map(|(name, node)| node_view(c, name, node))
+        .collect()
+}
+
+/// One node, with its pods.
+pub fn node(c: &Cluster, name: &str) -> Option<Value> {
+    let node = c.fleet.get(name)?;
+    let mut v = node_view(c, name, node);
+    v["pods"] = Value::Array(pods(c).into_iter().filter(|p| p["node"] == name).collect());
+    Some(v)
+}
+
+fn node_view(c: &Cluster, name: &str, node: &Node) -> Value {
+    let info = node.status.as_ref().map(|s| &s.info);
+    json!({
+        "name": name,
+        "status": node.readiness.as_str(),
+        "labels": node.labels(),
+        "arch": info.map(|i| i.arch.as_str()),
+        "os": info.map(|i| i.os.as_str()),
+        "agentVersion": info.map(|i| i.agent_version.as_str()),
+        "cpus": info.map(|i| i.cpus),
+        "memoryBytes": info.map(|i| i.memory_bytes),
+        "lastSeenMs": node.last_seen_ms,
+        "desiredGeneration": c.desired.get(name).map_or(0, |d| d.generation),
+        "observedGeneration": node.status.as_ref().map_or(0, |s| s.observed_generation),
+        "desiredError": node.status.as_ref().and_then(|s| s.desired_error.as_deref()),
+        "podCount": c.desired.get(name).map_or(0, |d| d.pods.len()),
+    })
+}
+
+/// Every workload, with how many of its pods are desired and running.
+pub fn workloads(c: &Cluster) -> Vec<Value> {
+    c.workloads
+        .keys()
+        .filter_map(|name| workload(c, name))
+        .collect()
+}
+
+/// One workload: its canonical manifest and its pods.
+pub fn workload(c: &Cluster, name: &str) -> Option<Value> {
+    let w = c.workloads.get(name)?;
+    let pods: Vec<Value> = pods(c)
+        .into_iter()
+        .filter(|p| p["workload"] == name)
+        .collect();
+    let running = pods.iter().filter(|p| p["phase"] == "Running").count();
+    Some(json!({
+        "name": name,
+        "manifest": w.to_json(),
+        "images": w.spec.containers.iter().map(|c| c.image.as_str()).collect::<Vec<_>>(),
+        "desiredPods": pods.iter().filter(|p| p["desired"] == true).count(),
+        "runningPods": running,
+        "pods": pods,
+    }))
+}
+
+/// Every pod: desired ones, and ones a node still reports while removing them.
+pub fn pods(c: &Cluster) -> Vec<Value> {
+    let mut out = Vec::new();
+    for (node_name, node) in c.fleet.nodes() {
+        let desired = c.desired.get(node_name);
+        let reported = node
+            .status
+            .as_ref()
+            .map(|s| s.pods.as_slice())
+            .unwrap_or_default();
+        let observed = node.status.as_ref().map_or(0, |s| s.observed_generation);
+        let generation = desired.map_or(0, |d| d.generation);
+        for spec in desired.map(|d| d.pods.as_slice()).unwrap_or_default() {
+            let status = reported.iter().find(|p| p.name == spec.name);
+            let mut v = pod_view(
+                node_name,
+                &spec.workload,
+                &spec.name,
+                status,
+                node.readiness,
+                generation,
+                observed,
+            );
+            v["desired"] = Value::Bool(true);
+            if status.is_none() {
+                v["containers"] = spec
+                    .containers
+                    .iter()
+                    .map(|c| json!({"name": c.name, "state": "Waiting", "reason": "NotReported", "restarts": 0}))
+                    .collect();
+            }
+            out.push(v);
+        }
+        for status in reported {
+            let still_desired =
+                desired.is_some_and(|d| d.pods.iter().any(|p| p.name == status.name));
+            if !still_desired {
+                let mut v = pod_view(
+                    node_name,
+                    &status.workload,
+                    &status.name,
+                    Some(status),
+                    node.readiness,
+                    generation,
+                    observed,
+                );
+                v["desired"] = Value::Bool(false);
+                out.push(v);
+            }
+        }
+    }
+    out
+}
+
+/// One pod by its `{workload}@{node}` name.
+pub fn pod(c: &Cluster, name: &str) -> Option<Value> {
+    pods(c).into_iter().find(|p| p["name"] == name)
+}
+
+fn pod_view(
+    node: &str,
+    workload: &str,
+    pod_name: &str,
+    status: Option<&PodStatus>,
+    readiness: Readiness,
+    generation: u64,
+    observed: u64,
+) -> Value {
+    let (phase, message) = match status {
+        Some(s) => (phase_str(s.phase), s.message.clone()),
+        None if readiness == Readiness::NotReady => {
+            ("Pending", Some(format!("node {node} is offline")))
+        }
+        None => (
+            "Pending",
+            Some(format!("waiting for node {node} to report")),
+        ),
+    };
+    let containers: Vec<Value> = status
+        .map(|s| s.containers.iter().map(container_view).collect())
+        .unwrap_or_default();
+    let restarts: u32 = status.map_or(0, |s| s.containers.iter().map(|c| c.restarts).sum());
+    json!({
+        "name": format!("{workload}@{node}"),
+        "podName": pod_name,
+        "workload": workload,
+        "node": node,
+        "phase": phase,
+        "message": message,
+        "ready": format!(
+            "{}/{}",
+            containers.iter().filter(|c| c["state"] == "Running").count(),
+            containers.len()
+        ),
+        "restarts": restarts,
+        "desiredGeneration": generation,
+        "observedGeneration": observed,
+        "podGeneration": status.map(|s| s.generation),
+        "nodeStatus": readiness.as_str(),
+        "containers": containers,
+    })
+}
+
+fn container_view(c: &ContainerStatus) -> Value {
+    let mut v = json!({ "name": c.name, "restarts": c.restarts });
+    match &c.state {
+        ContainerState::Waiting { reason, message } => {
+            v["state"] = "Waiting".into();
+            v["reason"] = reason.as_str().into();
+            v["message"] = message.as_deref().into();
+        }
+        ContainerState::Running { started_at_ms } => {
+            v["state"] = "Running".into();
+            v["startedAtMs"] = (*started_at_ms).into();
+        }
+        ContainerState::Terminated {
+            exit_code,
+            reason,
+            message,
+            finished_at_ms,
+        } => {
+            v["state"] = "Terminated".into();
+            v["exitCode"] = (*exit_code).into();
+            v["reason"] = reason.as_str().into();
+            v["message"] = message.as_deref().into();
+            v["finishedAtMs"] = (*finished_at_ms).into();
+        }
+    }
+    v
+}
+
+fn phase_str(p: PodPhase) -> &'static str {
+    match p {
+        PodPhase::Pending => "Pending",
+        PodPhase::Running => "Running",
+        PodPhase::Succeeded => "Succeeded",
+        PodPhase::Failed => "Failed",
+        PodPhase::Terminating => "Terminating",
+    }
+}
