@@ -1,1 +1,3 @@
+//! Helpers shared by Flotilla's end-to-end tests and by other crates' tests.
 
+pub mod oci;

@@ -1,0 +1,277 @@
+//! A cluster of real processes for end-to-end tests: `flotilla serve` with its
+//! embedded broker (or an external Mosquitto), `flotilla-agent`s running real
+//! containers, and the `flotilla` CLI. Each piece runs in its own temp dir on
+//! free ports; its output goes to a log file that is printed when a wait fails.
+
+#![allow(dead_code)]
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// Where cargo put the binaries: the test executable is `target/debug/deps/x`.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let path = dir.join(name);
+    assert!(path.exists(), "{} is missing: run `cargo build --workspace --bins` first", path.display());
+    path
+}
+
+/// A port free right now on 127.0.0.1.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A node name unique to this test process and call.
+pub fn unique_node(prefix: &str) -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    format!("{prefix}-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
+}
+
+/// Polls `f` until it returns `Some`, or panics after `timeout` with `what`
+/// and the logs of `logs`.
+pub fn wait_for<T>(what: &str, timeout: Duration, logs: &[&Path], mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        if Instant::now() > deadline {
+            for log in logs {
+                eprintln!("==== {} ====\n{}", log.display(), std::fs::read_to_string(log).unwrap_or_default());
+            }
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// `{dir}/{name}-N.log` for the first N not yet used (a restarted process gets a new log).
+fn next_log(dir: &Path, name: &str) -> PathBuf {
+    (0..).map(|i| dir.join(format!("{name}-{i}.log"))).find(|p| !p.exists()).unwrap()
+}
+
+/// A child process killed when dropped.
+pub struct Proc {
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    pub fn spawn(cmd: &mut Command, log: PathBuf) -> Proc {
+        let out = std::fs::File::create(&log).unwrap();
+        let err = out.try_clone().unwrap();
+        let child = cmd.stdin(Stdio::null()).stdout(out).stderr(err).spawn().unwrap();
+        Proc { child, log }
+    }
+
+    /// SIGKILL, as a crash or power cut would.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then wait for a clean exit.
+    pub fn stop(&mut self) {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.kill();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// How the controller reaches its broker.
+pub enum Broker {
+    /// `flotilla serve`'s embedded broker on this port.
+    Embedded(u16),
+    /// An external broker on 127.0.0.1 at this port.
+    External(u16),
+}
+
+/// A running `flotilla serve`.
+pub struct Controller {
+    pub proc: Proc,
+    pub data_dir: PathBuf,
+    pub api: String,
+    pub mqtt_port: u16,
+    api_port: u16,
+    external: bool,
+}
+
+impl Controller {
+    pub fn start(dir: &Path, broker: Broker) -> Controller {
+        Self::start_on(dir, broker, free_port())
+    }
+
+    /// Starts (or restarts, with the same `dir` and ports) a controller.
+    pub fn start_on(dir: &Path, broker: Broker, api_port: u16) -> Controller {
+        let data_dir = dir.join("controller");
+        let mut cmd = Command::new(bin("flotilla"));
+        cmd.arg("serve").arg("--data-dir").arg(&data_dir).arg("--api-listen").arg(format!("127.0.0.1:{api_port}"));
+        let (mqtt_port, external) = match broker {
+            Broker::Embedded(port) => {
+                cmd.arg("--mqtt-listen").arg(format!("127.0.0.1:{port}"));
+                (port, false)
+            }
+            Broker::External(port) => {
+                cmd.arg("--broker").arg(format!("mqtt://127.0.0.1:{port}"));
+                (port, true)
+            }
+        };
+        cmd.env("FLOTILLA_LOG", "debug,rmqtt=warn,rmqtt_net=warn,redb=warn");
+        let proc = Proc::spawn(&mut cmd, next_log(dir, "controller"));
+        let api = format!("http://127.0.0.1:{api_port}");
+        let c = Controller { proc, data_dir, api, mqtt_port, api_port, external };
+        let logs = [c.proc.log.as_path()];
+        wait_for("the controller's API", Duration::from_secs(60), &logs, || {
+            let out = c.cli(&["get", "nodes", "-o", "json"]);
+            out.status.success().then_some(())
+        });
+        c
+    }
+
+    pub fn api_port(&self) -> u16 {
+        self.api_port
+    }
+
+    pub fn broker_url(&self) -> String {
+        format!("mqtt://127.0.0.1:{}", self.mqtt_port)
+    }
+
+    /// Runs the CLI against this controller.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(bin("flotilla")).args(args).env("FLOTILLA_SERVER", &self.api).output().unwrap()
+    }
+
+    /// Runs the CLI and parses its JSON output; panics with stderr on failure.
+    pub fn json(&self, args: &[&str]) -> Value {
+        let out = self.cli(args);
+        assert!(out.status.success(), "flotilla {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    /// `flotilla apply -f -` of `manifest`.
+    pub fn apply(&self, dir: &Path, manifest: &str) -> Output {
+        let file = dir.join(format!("manifest-{}.yaml", unique_node("m")));
+        std::fs::write(&file, manifest).unwrap();
+        self.cli(&["apply", "-f", file.to_str().unwrap()])
+    }
+
+    /// The pod `name` as `get pods -o json` shows it, if listed.
+    pub fn pod(&self, name: &str) -> Option<Value> {
+        let pods = self.json(&["get", "pods", "-o", "json"]);
+        pods["items"].as_array().unwrap().iter().find(|p| p["name"] == name).cloned()
+    }
+}
+
+/// A running `flotilla-agent` with the real (youki) runtime.
+pub struct Agent {
+    pub proc: Proc,
+    pub node: String,
+    pub data_dir: PathBuf,
+    pub run_dir: PathBuf,
+}
+
+impl Agent {
+    pub fn start(dir: &Path, node: &str, broker_url: &str, labels: &[&str]) -> Agent {
+        let data_dir = dir.join(format!("agent-{node}"));
+        let run_dir = dir.join(format!("run-{node}"));
+        let mut cmd = Command::new(bin("flotilla-agent"));
+        cmd.arg("--broker")
+            .arg(broker_url)
+            .arg("--node")
+            .arg(node)
+            .arg("--data-dir")
+            .arg(&data_dir)
+            .arg("--run-dir")
+            .arg(&run_dir)
+            .env("FLOTILLA_LOG", "debug");
+        for l in labels {
+            cmd.arg("--label").arg(l);
+        }
+        let proc = Proc::spawn(&mut cmd, next_log(dir, &format!("agent-{node}")));
+        Agent { proc, node: node.to_string(), data_dir, run_dir }
+    }
+
+    /// The container's log file on the device.
+    pub fn container_log(&self, pod: &str, container: &str) -> String {
+        std::fs::read_to_string(self.data_dir.join("logs").join(pod).join(format!("{container}.log"))).unwrap_or_default()
+    }
+}
+
+/// The cgroup directories (in every v1 hierarchy, or the v2 tree) that hold
+/// containers of `node`, by container id.
+pub fn container_cgroups(node: &str) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let roots = ["memory", "pids", "cpu", "cpu,cpuacct", "unified", ""];
+    for root in roots {
+        let dir = Path::new("/sys/fs/cgroup").join(root).join("flotilla").join(node);
+        if let Ok(entries) = std::fs::read_dir(&dir) {
+            for e in entries.flatten() {
+                if e.path().is_dir() {
+                    out.push(e.path());
+                }
+            }
+        }
+    }
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// Kills whatever a test left running in `node`'s cgroups (best effort).
+pub fn kill_node_containers(node: &str) {
+    for dir in container_cgroups(node) {
+        if let Ok(procs) = std::fs::read_to_string(dir.join("cgroup.procs")) {
+            for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+            }
+        }
+    }
+}
+
+/// A Mosquitto broker on a free port, killed when dropped.
+pub struct Mosquitto {
+    pub proc: Proc,
+    pub port: u16,
+}
+
+impl Mosquitto {
+    pub fn start(dir: &Path) -> Mosquitto {
+        let port = free_port();
+        let conf = dir.join("mosquitto.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nset_tcp_nodelay true\n\
+                 max_packet_size 4194304\n"
+            ),
+        )
+        .unwrap();
+        let mut cmd = Command::new("mosquitto");
+        cmd.arg("-c").arg(&conf);
+        let proc = Proc::spawn(&mut cmd, dir.join("mosquitto.log"));
+        let logs = [proc.log.as_path()];
+        wait_for("mosquitto to listen", Duration::from_secs(10), &logs, || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).ok().map(|_| ())
+        });
+        Mosquitto { proc, port }
+    }
+}
