@@ -18,7 +18,9 @@ const T: Duration = Duration::from_secs(60);
 /// Writes the busybox test image as an OCI layout and returns its reference.
 fn busybox_image(dir: &Path) -> String {
     let layout = dir.join("busybox-layout");
-    flotilla_testkit::oci::busybox().write_layout(&layout, "latest").unwrap();
+    flotilla_testkit::oci::busybox()
+        .write_layout(&layout, "latest")
+        .unwrap();
     format!("oci:{}:latest", layout.display())
 }
 
@@ -60,8 +62,9 @@ fn workload_runs_is_replaced_and_removed() {
 
     // The node registers with its labels and architecture.
     wait_for("the node to be Ready", T, &logs, || {
-        let n = controller.json(&["get", "nodes", &node, "-o", "json"]);
-        (n["status"] == "Ready" && n["labels"]["site"] == "shop1" && n["arch"].is_string()).then_some(())
+        let n = controller.try_json(&["get", "nodes", &node, "-o", "json"])?;
+        (n["status"] == "Ready" && n["labels"]["site"] == "shop1" && n["arch"].is_string())
+            .then_some(())
     });
 
     // A workload for another site does not land here; ours does.
@@ -69,59 +72,120 @@ fn workload_runs_is_replaced_and_removed() {
         dir.path(),
         &format!(
             "{}---\n{}",
-            workload("web", &image, "site: shop1", "echo started-v1; exec sleep 3600", "Always"),
+            workload(
+                "web",
+                &image,
+                "site: shop1",
+                "echo started-v1; exec sleep 3600",
+                "Always"
+            ),
             workload("elsewhere", &image, "site: shop2", "sleep 3600", "Always"),
         ),
     );
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "workload/web created\nworkload/elsewhere created\n");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "workload/web created\nworkload/elsewhere created\n"
+    );
 
     let pod_name = format!("web@{node}");
     let v1 = wait_for("web to run", T, &logs, || {
         let pod = controller.pod(&pod_name)?;
         (pod["phase"] == "Running" && container(&pod)["state"] == "Running").then_some(pod)
     });
-    assert_eq!(controller.pod(&format!("elsewhere@{node}")), None, "a selector for another site matched");
+    assert_eq!(
+        controller.pod(&format!("elsewhere@{node}")),
+        None,
+        "a selector for another site matched"
+    );
     wait_for("the container's output in its log file", T, &logs, || {
-        agent.container_log("web", "main").contains("started-v1").then_some(())
+        agent
+            .container_log("web", "main")
+            .contains("started-v1")
+            .then_some(())
     });
     // It is a real container: a process of its own, in cgroups of its own, with the limits applied.
     let cgroups = container_cgroups(&node);
-    assert!(!cgroups.is_empty(), "no cgroup for the container under flotilla/{node}");
-    let memory = cgroups.iter().find(|p| p.starts_with("/sys/fs/cgroup/memory")).expect("a memory cgroup");
+    assert!(
+        !cgroups.is_empty(),
+        "no cgroup for the container under flotilla/{node}"
+    );
+    let memory = cgroups
+        .iter()
+        .find(|p| p.starts_with("/sys/fs/cgroup/memory"))
+        .expect("a memory cgroup");
     let limit = std::fs::read_to_string(memory.join("memory.limit_in_bytes")).unwrap();
     assert_eq!(limit.trim(), (32u64 << 20).to_string());
     let pids = pids_in_memory_cgroups(&node);
     assert_eq!(pids.len(), 1, "one process in the container: {pids:?}");
     let cmdline = std::fs::read(format!("/proc/{}/cmdline", pids[0])).unwrap();
-    assert_eq!(String::from_utf8_lossy(&cmdline), concat!("sleep\0", "3600\0"));
+    assert_eq!(
+        String::from_utf8_lossy(&cmdline),
+        concat!("sleep\0", "3600\0")
+    );
 
     // Applying the same file again changes nothing.
-    let same = workload("web", &image, "site: shop1", "echo started-v1; exec sleep 3600", "Always");
+    let same = workload(
+        "web",
+        &image,
+        "site: shop1",
+        "echo started-v1; exec sleep 3600",
+        "Always",
+    );
     let out = controller.apply(dir.path(), &same);
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "workload/web unchanged\n");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "workload/web unchanged\n"
+    );
 
     // A changed command replaces the container.
     let out = controller.apply(
         dir.path(),
-        &workload("web", &image, "site: shop1", "echo started-v2; exec sleep 3601", "Always"),
+        &workload(
+            "web",
+            &image,
+            "site: shop1",
+            "echo started-v2; exec sleep 3601",
+            "Always",
+        ),
     );
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "workload/web configured\n");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "workload/web configured\n"
+    );
     wait_for("the new container to run", T, &logs, || {
         let pod = controller.pod(&pod_name)?;
         let started = &container(&pod)["startedAtMs"];
-        (pod["phase"] == "Running" && started.is_u64() && *started != container(&v1)["startedAtMs"]).then_some(())
+        (pod["phase"] == "Running" && started.is_u64() && *started != container(&v1)["startedAtMs"])
+            .then_some(())
     });
-    wait_for("v2 output", T, &logs, || agent.container_log("web", "main").contains("started-v2").then_some(()));
+    wait_for("v2 output", T, &logs, || {
+        agent
+            .container_log("web", "main")
+            .contains("started-v2")
+            .then_some(())
+    });
     wait_for("the old container to be gone", T, &logs, || {
         (pids_in_memory_cgroups(&node).len() == 1).then_some(())
     });
 
     // Deleting the workload removes the container and its cgroups.
     let out = controller.cli(&["delete", "workload", "web"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    wait_for("the pod to leave the listing", T, &logs, || controller.pod(&pod_name).is_none().then_some(()));
-    wait_for("the cgroups to be removed", T, &logs, || container_cgroups(&node).is_empty().then_some(()));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_for("the pod to leave the listing", T, &logs, || {
+        controller.pod(&pod_name).is_none().then_some(())
+    });
+    wait_for("the cgroups to be removed", T, &logs, || {
+        container_cgroups(&node).is_empty().then_some(())
+    });
     let out = controller.cli(&["delete", "workload", "web"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("workload \"web\" not found"));
@@ -132,7 +196,13 @@ fn pids_in_memory_cgroups(node: &str) -> Vec<u32> {
     container_cgroups(node)
         .iter()
         .filter(|p| p.starts_with("/sys/fs/cgroup/memory"))
-        .flat_map(|p| std::fs::read_to_string(p.join("cgroup.procs")).unwrap_or_default().lines().map(str::to_owned).collect::<Vec<_>>())
+        .flat_map(|p| {
+            std::fs::read_to_string(p.join("cgroup.procs"))
+                .unwrap_or_default()
+                .lines()
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        })
         .filter_map(|l| l.trim().parse().ok())
         .collect()
 }
@@ -154,8 +224,14 @@ fn bad_manifest_is_refused_and_nothing_changes() {
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("metadata.name"), "{stderr}");
-    assert!(stderr.contains("spec.containers[0].image: required"), "{stderr}");
-    assert!(stderr.contains("spec.containers[0].imagee: unknown field"), "{stderr}");
+    assert!(
+        stderr.contains("spec.containers[0].image: required"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("spec.containers[0].imagee: unknown field"),
+        "{stderr}"
+    );
 
     let names: Vec<String> = controller.json(&["get", "workloads", "-o", "json"])["items"]
         .as_array()
@@ -168,7 +244,11 @@ fn bad_manifest_is_refused_and_nothing_changes() {
     // A file that is not YAML at all.
     let out = controller.apply(dir.path(), "kind: [unclosed");
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("line"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("line"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]
@@ -188,14 +268,24 @@ fn failures_are_reported_with_their_reason() {
         workload("exits", &image, "", "echo bye; exit 3", "Never"),
     );
     let out = controller.apply(dir.path(), &manifests);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     let pod = wait_for("the missing image to be reported", T, &logs, || {
         let pod = controller.pod(&format!("noimage@{node}"))?;
         (container(&pod)["reason"] == "ImageNotFound").then_some(pod)
     });
     assert_eq!(pod["phase"], "Pending");
-    assert!(container(&pod)["message"].as_str().unwrap().contains("no-such-layout"), "{pod}");
+    assert!(
+        container(&pod)["message"]
+            .as_str()
+            .unwrap()
+            .contains("no-such-layout"),
+        "{pod}"
+    );
 
     let pod = wait_for("the exit code to be reported", T, &logs, || {
         let pod = controller.pod(&format!("exits@{node}"))?;
@@ -203,20 +293,38 @@ fn failures_are_reported_with_their_reason() {
     });
     assert_eq!(container(&pod)["state"], "Terminated");
     assert_eq!(container(&pod)["exitCode"], 3);
-    assert_eq!(container(&pod)["restarts"], 0, "restartPolicy Never restarted it");
+    assert_eq!(
+        container(&pod)["restarts"],
+        0,
+        "restartPolicy Never restarted it"
+    );
 
     // describe shows the same, for people.
     let out = controller.cli(&["describe", "pod", &format!("exits@{node}")]);
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("Phase:       Failed") && text.contains("Exit Code: 3"), "{text}");
+    assert!(
+        text.contains("Phase:       Failed") && text.contains("Exit Code: 3"),
+        "{text}"
+    );
 
     for name in ["noimage", "exits"] {
-        assert!(controller.cli(&["delete", "workload", name]).status.success());
+        assert!(
+            controller
+                .cli(&["delete", "workload", name])
+                .status
+                .success()
+        );
     }
     wait_for("the pods to go", T, &logs, || {
-        controller.json(&["get", "pods", "-o", "json"])["items"].as_array().unwrap().is_empty().then_some(())
+        controller.json(&["get", "pods", "-o", "json"])["items"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+            .then_some(())
     });
-    wait_for("the cgroups to be removed", T, &logs, || container_cgroups(&node).is_empty().then_some(()));
+    wait_for("the cgroups to be removed", T, &logs, || {
+        container_cgroups(&node).is_empty().then_some(())
+    });
 }
 
 #[test]
@@ -228,16 +336,34 @@ fn runs_through_an_external_mosquitto() {
     let node = unique_node("mosq");
     let _cleanup = Cleanup(node.clone());
     let agent = Agent::start(dir.path(), &node, &controller.broker_url(), &[]);
-    let logs = [controller.proc.log.as_path(), agent.proc.log.as_path(), mosquitto.proc.log.as_path()];
+    let logs = [
+        controller.proc.log.as_path(),
+        agent.proc.log.as_path(),
+        mosquitto.proc.log.as_path(),
+    ];
 
-    let out = controller.apply(dir.path(), &workload("web", &image, "", "exec sleep 3602", "Always"));
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = controller.apply(
+        dir.path(),
+        &workload("web", &image, "", "exec sleep 3602", "Always"),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     wait_for("web to run via mosquitto", T, &logs, || {
         let pod = controller.pod(&format!("web@{node}"))?;
         (pod["phase"] == "Running").then_some(())
     });
-    assert!(controller.cli(&["delete", "workload", "web"]).status.success());
-    wait_for("the cgroups to be removed", T, &logs, || container_cgroups(&node).is_empty().then_some(()));
+    assert!(
+        controller
+            .cli(&["delete", "workload", "web"])
+            .status
+            .success()
+    );
+    wait_for("the cgroups to be removed", T, &logs, || {
+        container_cgroups(&node).is_empty().then_some(())
+    });
 }
 
 #[test]
@@ -251,8 +377,15 @@ fn controller_restart_republishes_and_restarts_nothing() {
     let _cleanup = Cleanup(node.clone());
     let agent = Agent::start(dir.path(), &node, &controller.broker_url(), &[]);
 
-    let out = controller.apply(dir.path(), &workload("web", &image, "", "exec sleep 3603", "Always"));
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = controller.apply(
+        dir.path(),
+        &workload("web", &image, "", "exec sleep 3603", "Always"),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let pod_name = format!("web@{node}");
     let before = wait_for("web to run", T, &logs(&controller, &agent), || {
         let pod = controller.pod(&pod_name)?;
@@ -264,14 +397,28 @@ fn controller_restart_republishes_and_restarts_nothing() {
     let controller = Controller::start_on(dir.path(), Broker::Embedded(mqtt_port), api_port);
     let logs = logs(&controller, &agent);
     let after = wait_for("the node to report again", T, &logs, || {
-        let n = controller.json(&["get", "nodes", &node, "-o", "json"]);
+        let n = controller.try_json(&["get", "nodes", &node, "-o", "json"])?;
         let pod = controller.pod(&pod_name)?;
         (n["status"] == "Ready" && pod["phase"] == "Running").then_some(pod)
     });
-    assert_eq!(container(&after)["startedAtMs"], container(&before)["startedAtMs"], "the container was restarted");
+    assert_eq!(
+        container(&after)["startedAtMs"],
+        container(&before)["startedAtMs"],
+        "the container was restarted"
+    );
     assert_eq!(container(&after)["restarts"], 0);
-    assert_eq!(after["desiredGeneration"], before["desiredGeneration"], "the store kept the generation");
+    assert_eq!(
+        after["desiredGeneration"], before["desiredGeneration"],
+        "the store kept the generation"
+    );
 
-    assert!(controller.cli(&["delete", "workload", "web"]).status.success());
-    wait_for("the cgroups to be removed", T, &logs, || container_cgroups(&node).is_empty().then_some(()));
+    assert!(
+        controller
+            .cli(&["delete", "workload", "web"])
+            .status
+            .success()
+    );
+    wait_for("the cgroups to be removed", T, &logs, || {
+        container_cgroups(&node).is_empty().then_some(())
+    });
 }

@@ -14,7 +14,9 @@ use common::*;
 fn up_runs_a_local_cluster() {
     let dir = tempfile::tempdir().unwrap();
     let layout = dir.path().join("busybox-layout");
-    flotilla_testkit::oci::busybox().write_layout(&layout, "latest").unwrap();
+    flotilla_testkit::oci::busybox()
+        .write_layout(&layout, "latest")
+        .unwrap();
     let node = unique_node("up");
     let api_port = free_port();
     let mut cmd = Command::new(bin("flotilla"));
@@ -33,13 +35,24 @@ fn up_runs_a_local_cluster() {
     let mut up = Proc::spawn(&mut cmd, dir.path().join("up.log"));
     let logs = [up.log.as_path()];
     let server = format!("http://127.0.0.1:{api_port}");
-    let cli = |args: &[&str]| Command::new(bin("flotilla")).args(args).env("FLOTILLA_SERVER", &server).output().unwrap();
+    let cli = |args: &[&str]| {
+        Command::new(bin("flotilla"))
+            .args(args)
+            .env("FLOTILLA_SERVER", &server)
+            .output()
+            .unwrap()
+    };
 
-    wait_for("the local node to be Ready", Duration::from_secs(60), &logs, || {
-        let out = cli(&["get", "nodes", &node, "-o", "json"]);
-        let n: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
-        (n["status"] == "Ready" && n["labels"]["site"] == "home").then_some(())
-    });
+    wait_for(
+        "the local node to be Ready",
+        Duration::from_secs(60),
+        &logs,
+        || {
+            let out = cli(&["get", "nodes", &node, "-o", "json"]);
+            let n: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+            (n["status"] == "Ready" && n["labels"]["site"] == "home").then_some(())
+        },
+    );
 
     let manifest = dir.path().join("hello.yaml");
     std::fs::write(
@@ -52,7 +65,11 @@ fn up_runs_a_local_cluster() {
     )
     .unwrap();
     let out = cli(&["apply", "-f", manifest.to_str().unwrap()]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     let pod = format!("hello@{node}");
     wait_for("hello to run", Duration::from_secs(60), &logs, || {
@@ -61,18 +78,35 @@ fn up_runs_a_local_cluster() {
         (p["phase"] == "Running").then_some(())
     });
     let table = String::from_utf8_lossy(&cli(&["get", "pods"]).stdout).to_string();
-    assert!(table.starts_with("NAME") && table.contains(&pod) && table.contains("Running"), "{table}");
+    assert!(
+        table.starts_with("NAME") && table.contains(&pod) && table.contains("Running"),
+        "{table}"
+    );
     let log = dir.path().join("data/agent/logs/hello/main.log");
-    wait_for("the container's output", Duration::from_secs(30), &logs, || {
-        std::fs::read_to_string(&log).ok().filter(|s| s.contains("hello")).map(|_| ())
-    });
+    wait_for(
+        "the container's output",
+        Duration::from_secs(30),
+        &logs,
+        || {
+            std::fs::read_to_string(&log)
+                .ok()
+                .filter(|s| s.contains("hello"))
+                .map(|_| ())
+        },
+    );
 
     assert!(cli(&["delete", "workload", "hello"]).status.success());
-    wait_for("the container to be removed", Duration::from_secs(60), &logs, || {
-        container_cgroups(&node).is_empty().then_some(())
-    });
+    wait_for(
+        "the container to be removed",
+        Duration::from_secs(60),
+        &logs,
+        || container_cgroups(&node).is_empty().then_some(()),
+    );
     // Ctrl-C stops the controller and the agent.
     up.stop();
-    assert!(up.child.try_wait().unwrap().is_some_and(|s| s.success()), "flotilla up did not exit cleanly");
+    assert!(
+        up.child.try_wait().unwrap().is_some_and(|s| s.success()),
+        "flotilla up did not exit cleanly"
+    );
     kill_node_containers(&node);
 }

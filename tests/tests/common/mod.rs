@@ -18,24 +18,41 @@ pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
     let dir = exe.parent().and_then(Path::parent).expect("target dir");
     let path = dir.join(name);
-    assert!(path.exists(), "{} is missing: run `cargo build --workspace --bins` first", path.display());
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build --workspace --bins` first",
+        path.display()
+    );
     path
 }
 
 /// A port free right now on 127.0.0.1.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// A node name unique to this test process and call.
 pub fn unique_node(prefix: &str) -> String {
     static N: AtomicU32 = AtomicU32::new(0);
-    format!("{prefix}-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
+    format!(
+        "{prefix}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 /// Polls `f` until it returns `Some`, or panics after `timeout` with `what`
 /// and the logs of `logs`.
-pub fn wait_for<T>(what: &str, timeout: Duration, logs: &[&Path], mut f: impl FnMut() -> Option<T>) -> T {
+pub fn wait_for<T>(
+    what: &str,
+    timeout: Duration,
+    logs: &[&Path],
+    mut f: impl FnMut() -> Option<T>,
+) -> T {
     let deadline = Instant::now() + timeout;
     loop {
         if let Some(v) = f() {
@@ -43,7 +60,11 @@ pub fn wait_for<T>(what: &str, timeout: Duration, logs: &[&Path], mut f: impl Fn
         }
         if Instant::now() > deadline {
             for log in logs {
-                eprintln!("==== {} ====\n{}", log.display(), std::fs::read_to_string(log).unwrap_or_default());
+                eprintln!(
+                    "==== {} ====\n{}",
+                    log.display(),
+                    std::fs::read_to_string(log).unwrap_or_default()
+                );
             }
             panic!("timed out after {timeout:?} waiting for {what}");
         }
@@ -53,7 +74,10 @@ pub fn wait_for<T>(what: &str, timeout: Duration, logs: &[&Path], mut f: impl Fn
 
 /// `{dir}/{name}-N.log` for the first N not yet used (a restarted process gets a new log).
 fn next_log(dir: &Path, name: &str) -> PathBuf {
-    (0..).map(|i| dir.join(format!("{name}-{i}.log"))).find(|p| !p.exists()).unwrap()
+    (0..)
+        .map(|i| dir.join(format!("{name}-{i}.log")))
+        .find(|p| !p.exists())
+        .unwrap()
 }
 
 /// A child process killed when dropped.
@@ -66,7 +90,12 @@ impl Proc {
     pub fn spawn(cmd: &mut Command, log: PathBuf) -> Proc {
         let out = std::fs::File::create(&log).unwrap();
         let err = out.try_clone().unwrap();
-        let child = cmd.stdin(Stdio::null()).stdout(out).stderr(err).spawn().unwrap();
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .unwrap();
         Proc { child, log }
     }
 
@@ -124,7 +153,11 @@ impl Controller {
     pub fn start_on(dir: &Path, broker: Broker, api_port: u16) -> Controller {
         let data_dir = dir.join("controller");
         let mut cmd = Command::new(bin("flotilla"));
-        cmd.arg("serve").arg("--data-dir").arg(&data_dir).arg("--api-listen").arg(format!("127.0.0.1:{api_port}"));
+        cmd.arg("serve")
+            .arg("--data-dir")
+            .arg(&data_dir)
+            .arg("--api-listen")
+            .arg(format!("127.0.0.1:{api_port}"));
         let (mqtt_port, external) = match broker {
             Broker::Embedded(port) => {
                 cmd.arg("--mqtt-listen").arg(format!("127.0.0.1:{port}"));
@@ -138,12 +171,24 @@ impl Controller {
         cmd.env("FLOTILLA_LOG", "debug,rmqtt=warn,rmqtt_net=warn,redb=warn");
         let proc = Proc::spawn(&mut cmd, next_log(dir, "controller"));
         let api = format!("http://127.0.0.1:{api_port}");
-        let c = Controller { proc, data_dir, api, mqtt_port, api_port, external };
+        let c = Controller {
+            proc,
+            data_dir,
+            api,
+            mqtt_port,
+            api_port,
+            external,
+        };
         let logs = [c.proc.log.as_path()];
-        wait_for("the controller's API", Duration::from_secs(60), &logs, || {
-            let out = c.cli(&["get", "nodes", "-o", "json"]);
-            out.status.success().then_some(())
-        });
+        wait_for(
+            "the controller's API",
+            Duration::from_secs(60),
+            &logs,
+            || {
+                let out = c.cli(&["get", "nodes", "-o", "json"]);
+                out.status.success().then_some(())
+            },
+        );
         c
     }
 
@@ -157,17 +202,35 @@ impl Controller {
 
     /// Runs the CLI against this controller.
     pub fn cli(&self, args: &[&str]) -> Output {
-        Command::new(bin("flotilla")).args(args).env("FLOTILLA_SERVER", &self.api).output().unwrap()
+        Command::new(bin("flotilla"))
+            .args(args)
+            .env("FLOTILLA_SERVER", &self.api)
+            .output()
+            .unwrap()
     }
 
     /// Runs the CLI and parses its JSON output; panics with stderr on failure.
     pub fn json(&self, args: &[&str]) -> Value {
         let out = self.cli(args);
-        assert!(out.status.success(), "flotilla {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "flotilla {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         serde_json::from_slice(&out.stdout).unwrap()
     }
 
-    /// `flotilla apply -f -` of `manifest`.
+    /// Like [`Controller::json`], but `None` when the command fails (e.g. a
+    /// node not registered yet).
+    pub fn try_json(&self, args: &[&str]) -> Option<Value> {
+        let out = self.cli(args);
+        if !out.status.success() {
+            return None;
+        }
+        serde_json::from_slice(&out.stdout).ok()
+    }
+
+    /// `flotilla apply -f FILE` of `manifest`.
     pub fn apply(&self, dir: &Path, manifest: &str) -> Output {
         let file = dir.join(format!("manifest-{}.yaml", unique_node("m")));
         std::fs::write(&file, manifest).unwrap();
@@ -177,7 +240,12 @@ impl Controller {
     /// The pod `name` as `get pods -o json` shows it, if listed.
     pub fn pod(&self, name: &str) -> Option<Value> {
         let pods = self.json(&["get", "pods", "-o", "json"]);
-        pods["items"].as_array().unwrap().iter().find(|p| p["name"] == name).cloned()
+        pods["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == name)
+            .cloned()
     }
 }
 
@@ -207,12 +275,23 @@ impl Agent {
             cmd.arg("--label").arg(l);
         }
         let proc = Proc::spawn(&mut cmd, next_log(dir, &format!("agent-{node}")));
-        Agent { proc, node: node.to_string(), data_dir, run_dir }
+        Agent {
+            proc,
+            node: node.to_string(),
+            data_dir,
+            run_dir,
+        }
     }
 
     /// The container's log file on the device.
     pub fn container_log(&self, pod: &str, container: &str) -> String {
-        std::fs::read_to_string(self.data_dir.join("logs").join(pod).join(format!("{container}.log"))).unwrap_or_default()
+        std::fs::read_to_string(
+            self.data_dir
+                .join("logs")
+                .join(pod)
+                .join(format!("{container}.log")),
+        )
+        .unwrap_or_default()
     }
 }
 
@@ -222,7 +301,10 @@ pub fn container_cgroups(node: &str) -> Vec<PathBuf> {
     let mut out = Vec::new();
     let roots = ["memory", "pids", "cpu", "cpu,cpuacct", "unified", ""];
     for root in roots {
-        let dir = Path::new("/sys/fs/cgroup").join(root).join("flotilla").join(node);
+        let dir = Path::new("/sys/fs/cgroup")
+            .join(root)
+            .join("flotilla")
+            .join(node);
         if let Ok(entries) = std::fs::read_dir(&dir) {
             for e in entries.flatten() {
                 if e.path().is_dir() {
@@ -241,7 +323,10 @@ pub fn kill_node_containers(node: &str) {
     for dir in container_cgroups(node) {
         if let Ok(procs) = std::fs::read_to_string(dir.join("cgroup.procs")) {
             for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
-                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
             }
         }
     }
@@ -269,9 +354,16 @@ impl Mosquitto {
         cmd.arg("-c").arg(&conf);
         let proc = Proc::spawn(&mut cmd, dir.join("mosquitto.log"));
         let logs = [proc.log.as_path()];
-        wait_for("mosquitto to listen", Duration::from_secs(10), &logs, || {
-            std::net::TcpStream::connect(("127.0.0.1", port)).ok().map(|_| ())
-        });
+        wait_for(
+            "mosquitto to listen",
+            Duration::from_secs(10),
+            &logs,
+            || {
+                std::net::TcpStream::connect(("127.0.0.1", port))
+                    .ok()
+                    .map(|_| ())
+            },
+        );
         Mosquitto { proc, port }
     }
 }

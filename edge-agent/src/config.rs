@@ -1,0 +1,451 @@
+//! The agent's configuration: command-line flags and environment variables,
+//! validated once into a [`Config`] whose fields cannot hold invalid values.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+use flotilla_proto::{Label, NameError, check_label_key, check_label_value, check_name};
+
+/// Why the configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The node name breaks the DNS-label rule.
+    #[error("node name {name:?}: {error}")]
+    Node { name: String, error: NameError },
+    /// A label is not `key=value`.
+    #[error("label {label:?}: expected key=value")]
+    LabelSyntax { label: String },
+    /// A label key breaks the label-key rule.
+    #[error("label {label:?}: key: {error}")]
+    LabelKey { label: String, error: NameError },
+    /// A label value breaks the label-value rule.
+    #[error("label {label:?}: value: {error}")]
+    LabelValue { label: String, error: NameError },
+    /// The same label key was given twice.
+    #[error("label key {key:?}: given more than once")]
+    LabelRepeated { key: String },
+    /// The broker address is not `mqtt://HOST[:PORT]`.
+    #[error("broker {url:?}: {reason}")]
+    Broker { url: String, reason: &'static str },
+    /// The topic prefix is empty or holds MQTT wildcards.
+    #[error("topic prefix {prefix:?}: expected a non-empty topic without '+', '#' or NUL")]
+    TopicPrefix { prefix: String },
+    /// A duration is zero where it must not be.
+    #[error("{what}: must be longer than zero")]
+    ZeroDuration { what: &'static str },
+    /// A directory could not be made absolute.
+    #[error("{what} {path:?}: {source}")]
+    Path {
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// Makes `path` absolute against the current directory. libcontainer changes
+/// the whole process's working directory while it creates a container, so a
+/// relative path opened by another thread at that moment would name the
+/// wrong file: every directory the agent uses is absolute from the start.
+fn absolute(what: &'static str, path: PathBuf) -> Result<PathBuf, ConfigError> {
+    std::path::absolute(&path).map_err(|source| ConfigError::Path { what, path, source })
+}
+
+/// Which container runtime runs the pods.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum RuntimeKind {
+    /// Real containers through youki's libcontainer.
+    Youki,
+    /// Runs nothing (tests and simulated fleets); images are not read either.
+    Fake,
+}
+
+/// Command-line flags; every flag can also come from its environment variable.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "flotilla-agent", version, about = "Flotilla device agent")]
+pub struct Args {
+    /// MQTT broker, `mqtt://HOST:PORT`.
+    #[arg(long, env = "FLOTILLA_BROKER")]
+    pub broker: String,
+    /// This node's name (a DNS label).
+    #[arg(long, env = "FLOTILLA_NODE")]
+    pub node: String,
+    /// A node label `key=value`; repeat the flag for several (env: comma-separated).
+    #[arg(long = "label", env = "FLOTILLA_LABELS", value_delimiter = ',')]
+    pub labels: Vec<String>,
+    /// Where desired state, images and logs are kept across reboots.
+    #[arg(long, env = "FLOTILLA_DATA_DIR")]
+    pub data_dir: PathBuf,
+    /// Runtime state that a reboot clears [default: /run/flotilla-agent/{node}].
+    #[arg(long, env = "FLOTILLA_RUN_DIR")]
+    pub run_dir: Option<PathBuf>,
+    /// Container runtime.
+    #[arg(long, env = "FLOTILLA_RUNTIME", value_enum, default_value = "youki")]
+    pub runtime: RuntimeKind,
+    /// Root of the MQTT topics.
+    #[arg(long, env = "FLOTILLA_TOPIC_PREFIX", default_value = flotilla_proto::DEFAULT_PREFIX)]
+    pub topic_prefix: String,
+    /// MQTT keepalive (`30s`, `1m`, `500ms`).
+    #[arg(long, env = "FLOTILLA_KEEPALIVE", default_value = "30s", value_parser = parse_duration)]
+    pub keepalive: Duration,
+    /// How long a container gets between SIGTERM and SIGKILL.
+    #[arg(long, env = "FLOTILLA_STOP_GRACE", default_value = "10s", value_parser = parse_duration)]
+    pub stop_grace: Duration,
+    /// How often the status is sent again even when nothing changed.
+    #[arg(long, env = "FLOTILLA_RESYNC", default_value = "30m", value_parser = parse_duration)]
+    pub resync: Duration,
+}
+
+/// A node name that passed [`check_name`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeName(String);
+
+impl NodeName {
+    /// Checks `name` against the node-name rule.
+    pub fn new(name: &str) -> Result<Self, ConfigError> {
+        check_name(name).map_err(|error| ConfigError::Node {
+            name: name.to_owned(),
+            error,
+        })?;
+        Ok(Self(name.to_owned()))
+    }
+
+    /// The name.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for NodeName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Node labels that passed the label rules, sorted by key, keys unique.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct NodeLabels(Vec<Label>);
+
+impl NodeLabels {
+    /// Parses `key=value` strings.
+    pub fn parse<S: AsRef<str>>(labels: &[S]) -> Result<Self, ConfigError> {
+        let mut out = Vec::with_capacity(labels.len());
+        for label in labels {
+            let label = label.as_ref();
+            let Some((key, value)) = label.split_once('=') else {
+                return Err(ConfigError::LabelSyntax {
+                    label: label.to_owned(),
+                });
+            };
+            check_label_key(key).map_err(|error| ConfigError::LabelKey {
+                label: label.to_owned(),
+                error,
+            })?;
+            check_label_value(value).map_err(|error| ConfigError::LabelValue {
+                label: label.to_owned(),
+                error,
+            })?;
+            out.push(Label {
+                key: key.to_owned(),
+                value: value.to_owned(),
+            });
+        }
+        out.sort();
+        if let Some(pair) = out.windows(2).find(|w| w[0].key == w[1].key) {
+            return Err(ConfigError::LabelRepeated {
+                key: pair[0].key.clone(),
+            });
+        }
+        Ok(Self(out))
+    }
+
+    /// The labels, sorted by key.
+    pub fn as_slice(&self) -> &[Label] {
+        &self.0
+    }
+}
+
+/// Where the MQTT broker listens (plain TCP).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokerAddr {
+    /// Host name or IP address (IPv6 without brackets).
+    pub host: String,
+    /// TCP port.
+    pub port: u16,
+}
+
+impl BrokerAddr {
+    /// Parses `mqtt://HOST[:PORT]` (or `tcp://`); the port defaults to 1883.
+    pub fn parse(url: &str) -> Result<Self, ConfigError> {
+        let err = |reason| ConfigError::Broker {
+            url: url.to_owned(),
+            reason,
+        };
+        let rest = url
+            .strip_prefix("mqtt://")
+            .or_else(|| url.strip_prefix("tcp://"))
+            .ok_or_else(|| err("expected mqtt://HOST:PORT (TLS is not built in)"))?;
+        let rest = rest.strip_suffix('/').unwrap_or(rest);
+        if rest.contains('/') || rest.contains('@') || rest.contains('?') {
+            return Err(err("expected only HOST:PORT after mqtt://"));
+        }
+        let (host, port) = if let Some(v6) = rest.strip_prefix('[') {
+            let (host, after) = v6
+                .split_once(']')
+                .ok_or_else(|| err("unclosed '[' in IPv6 address"))?;
+            match after {
+                "" => (host, None),
+                p => (
+                    host,
+                    Some(
+                        p.strip_prefix(':')
+                            .ok_or_else(|| err("expected ':' after ']'"))?,
+                    ),
+                ),
+            }
+        } else {
+            match rest.rsplit_once(':') {
+                Some((host, port)) => (host, Some(port)),
+                None => (rest, None),
+            }
+        };
+        if host.is_empty() {
+            return Err(err("empty host"));
+        }
+        let port = match port {
+            None => 1883,
+            Some(p) => p
+                .parse::<u16>()
+                .ok()
+                .filter(|&p| p != 0)
+                .ok_or_else(|| err("port: expected a number from 1 to 65535"))?,
+        };
+        Ok(Self {
+            host: host.to_owned(),
+            port,
+        })
+    }
+}
+
+/// The agent's validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The MQTT broker.
+    pub broker: BrokerAddr,
+    /// This node's name.
+    pub node: NodeName,
+    /// Labels reported in the node's info.
+    pub labels: NodeLabels,
+    /// Persistent data: desired state, images, logs.
+    pub data_dir: PathBuf,
+    /// Volatile runtime state (cleared by a reboot, as the containers are).
+    pub run_dir: PathBuf,
+    /// Container runtime.
+    pub runtime: RuntimeKind,
+    /// Root of the MQTT topics, without a trailing `/`.
+    pub topic_prefix: String,
+    /// MQTT keepalive.
+    pub keepalive: Duration,
+    /// Time between SIGTERM and SIGKILL when a container is stopped.
+    pub stop_grace: Duration,
+    /// Status is sent again this often even when nothing changed.
+    pub resync: Duration,
+}
+
+impl Config {
+    /// A configuration with the defaults of the command line.
+    pub fn new(broker: &str, node: &str, data_dir: PathBuf) -> Result<Self, ConfigError> {
+        let node = NodeName::new(node)?;
+        Ok(Self {
+            broker: BrokerAddr::parse(broker)?,
+            run_dir: default_run_dir(&node),
+            node,
+            labels: NodeLabels::default(),
+            data_dir: absolute("data dir", data_dir)?,
+            runtime: RuntimeKind::Youki,
+            topic_prefix: flotilla_proto::DEFAULT_PREFIX.to_owned(),
+            keepalive: Duration::from_secs(30),
+            stop_grace: Duration::from_secs(10),
+            resync: Duration::from_secs(30 * 60),
+        })
+    }
+
+    /// Validates flags into a configuration.
+    pub fn from_args(args: Args) -> Result<Self, ConfigError> {
+        let mut config = Self::new(&args.broker, &args.node, args.data_dir)?;
+        config.labels = NodeLabels::parse(&args.labels)?;
+        if let Some(run_dir) = args.run_dir {
+            config.run_dir = absolute("run dir", run_dir)?;
+        }
+        config.runtime = args.runtime;
+        config.topic_prefix = check_topic_prefix(&args.topic_prefix)?;
+        config.keepalive = nonzero(args.keepalive, "keepalive")?;
+        config.stop_grace = args.stop_grace;
+        config.resync = nonzero(args.resync, "resync")?;
+        Ok(config)
+    }
+}
+
+fn default_run_dir(node: &NodeName) -> PathBuf {
+    PathBuf::from(format!("/run/flotilla-agent/{node}"))
+}
+
+fn nonzero(d: Duration, what: &'static str) -> Result<Duration, ConfigError> {
+    if d.is_zero() {
+        return Err(ConfigError::ZeroDuration { what });
+    }
+    Ok(d)
+}
+
+fn check_topic_prefix(prefix: &str) -> Result<String, ConfigError> {
+    let trimmed = prefix.trim_end_matches('/');
+    if trimmed.is_empty() || trimmed.contains(['+', '#', '\0']) {
+        return Err(ConfigError::TopicPrefix {
+            prefix: prefix.to_owned(),
+        });
+    }
+    Ok(trimmed.to_owned())
+}
+
+/// Parses `500ms`, `30s`, `5m`, `1h`, or a bare number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("duration {s:?}: expected a number with ms, s, m or h"))?;
+    let secs = |mul: u64| {
+        n.checked_mul(mul)
+            .map(Duration::from_secs)
+            .ok_or_else(|| format!("duration {s:?}: too long"))
+    };
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "" | "s" => secs(1),
+        "m" => secs(60),
+        "h" => secs(3600),
+        _ => Err(format!(
+            "duration {s:?}: unknown unit {unit:?}, expected ms, s, m or h"
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn directories_are_made_absolute() {
+        let c = Config::new("mqtt://h", "pi-1", PathBuf::from("rel/data")).unwrap();
+        assert!(
+            c.data_dir.is_absolute() && c.data_dir.ends_with("rel/data"),
+            "{:?}",
+            c.data_dir
+        );
+        let c = args(&["--run-dir", "run"]).unwrap();
+        assert!(
+            c.run_dir.is_absolute() && c.run_dir.ends_with("run"),
+            "{:?}",
+            c.run_dir
+        );
+    }
+
+    fn args(extra: &[&str]) -> Result<Config, String> {
+        let mut argv = vec![
+            "flotilla-agent",
+            "--broker",
+            "mqtt://127.0.0.1:1884",
+            "--node",
+            "pi-1",
+            "--data-dir",
+            "/var/lib/flotilla",
+        ];
+        argv.extend_from_slice(extra);
+        let args = Args::try_parse_from(argv).map_err(|e| e.to_string())?;
+        Config::from_args(args).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn defaults() {
+        let c = args(&[]).unwrap();
+        assert_eq!(c.broker.host, "127.0.0.1");
+        assert_eq!(c.broker.port, 1884);
+        assert_eq!(c.node.as_str(), "pi-1");
+        assert_eq!(c.run_dir, PathBuf::from("/run/flotilla-agent/pi-1"));
+        assert_eq!(c.runtime, RuntimeKind::Youki);
+        assert_eq!(c.topic_prefix, "flotilla/v1");
+        assert_eq!(c.keepalive, Duration::from_secs(30));
+        assert_eq!(c.stop_grace, Duration::from_secs(10));
+        assert_eq!(c.resync, Duration::from_secs(1800));
+    }
+
+    #[test]
+    fn labels_sorted_and_checked() {
+        let c = args(&["--label", "zone=b", "--label", "site=shop_1"]).unwrap();
+        let keys: Vec<_> = c.labels.as_slice().iter().map(|l| l.key.as_str()).collect();
+        assert_eq!(keys, ["site", "zone"]);
+        assert_eq!(
+            args(&["--label", "site"]).unwrap_err(),
+            "label \"site\": expected key=value"
+        );
+        assert_eq!(
+            args(&["--label", "a=1", "--label", "a=2"]).unwrap_err(),
+            "label key \"a\": given more than once"
+        );
+        assert!(
+            args(&["--label", "a=b c"])
+                .unwrap_err()
+                .starts_with("label \"a=b c\": value:")
+        );
+    }
+
+    #[test]
+    fn bad_node_and_flags() {
+        let e = Config::new("mqtt://h:1", "Pi_1", PathBuf::from("/d")).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "node name \"Pi_1\": character 'P' at position 0 is not allowed"
+        );
+        assert!(args(&["--runtime", "fake", "--run-dir", "/tmp/r"]).is_ok());
+        assert!(args(&["--topic-prefix", "a/#"]).is_err());
+        assert!(args(&["--keepalive", "0s"]).is_err());
+        assert!(args(&["--stop-grace", "10x"]).is_err());
+    }
+
+    #[test]
+    fn broker_urls() {
+        let ok = |u: &str| BrokerAddr::parse(u).map(|b| (b.host, b.port));
+        assert_eq!(
+            ok("mqtt://broker.local").unwrap(),
+            ("broker.local".into(), 1883)
+        );
+        assert_eq!(
+            ok("tcp://10.0.0.1:1999/").unwrap(),
+            ("10.0.0.1".into(), 1999)
+        );
+        assert_eq!(ok("mqtt://[::1]:1884").unwrap(), ("::1".into(), 1884));
+        for bad in [
+            "broker:1883",
+            "mqtts://h:8883",
+            "mqtt://:1883",
+            "mqtt://h:0",
+            "mqtt://h:x",
+            "mqtt://h/a",
+        ] {
+            assert!(ok(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("30"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+        assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
+        assert!(parse_duration("").is_err());
+        assert!(parse_duration("1d").is_err());
+        assert!(parse_duration("99999999999999999999h").is_err());
+    }
+}

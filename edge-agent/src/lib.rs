@@ -1,0 +1,214 @@
+//! The Flotilla device agent: keeps the node's desired state on disk, runs its
+//! containers through libcontainer, and reports status over MQTT.
+//!
+//! [`run`] wires the parts: the state on disk is loaded and reconciled
+//! before the broker is reachable (offline autonomy); the MQTT session hands
+//! in desired-state frames, which are judged ([`state::judge`]), stored and
+//! given to the reconciler; pods report to the coalescing reporter, whose
+//! newest status the session publishes.
+
+pub mod config;
+pub mod image;
+pub mod node_info;
+pub mod reconciler;
+pub mod report;
+pub mod runtime;
+pub mod session;
+pub mod state;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use flotilla_proto::Topics;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::{Config, RuntimeKind};
+use crate::image::Images;
+use crate::report::{ReportHandle, ReportTiming};
+use crate::runtime::Runtime;
+use crate::state::{StateStore, Verdict};
+
+/// A burst of changes within this window gives one status message.
+const STATUS_DEBOUNCE: Duration = Duration::from_millis(100);
+
+/// Runs the agent until `shutdown` is cancelled (or a fatal error). When it
+/// returns, every task it started has ended. Containers are not stopped:
+/// the next start adopts them.
+pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    match config.runtime {
+        RuntimeKind::Youki => {
+            // libcontainer's state is volatile like the containers it
+            // describes; bundles hold writable layers, which belong on disk
+            // rather than in the RAM of a tmpfs (the runtime removes bundles
+            // a reboot left without state).
+            let state_root = config.run_dir.join("state");
+            let work_root = config.data_dir.join("containers");
+            let cgroup_parent = format!("flotilla/{}", config.node);
+            let images_dir = config.data_dir.join("images");
+            let (runtime, images) = tokio::task::spawn_blocking(move || {
+                let runtime =
+                    runtime::youki::YoukiRuntime::new(state_root.clone(), work_root, cgroup_parent)
+                        .with_context(|| {
+                            format!("container runtime in {}", state_root.display())
+                        })?;
+                let images = image::ImageStore::new(images_dir.clone())
+                    .with_context(|| format!("image store in {}", images_dir.display()))?;
+                anyhow::Ok((runtime, images))
+            })
+            .await
+            .context("setting up the runtime")??;
+            run_with(config, Arc::new(runtime), Arc::new(images), shutdown).await
+        }
+        RuntimeKind::Fake => {
+            let runtime = runtime::fake::FakeRuntime::new();
+            let images = image::FakeImages;
+            run_with(config, Arc::new(runtime), Arc::new(images), shutdown).await
+        }
+    }
+}
+
+/// [`run`] with a given runtime and image source (tests pass fakes they
+/// keep a handle on).
+pub async fn run_with<R: Runtime, I: Images>(
+    config: Config,
+    runtime: Arc<R>,
+    images: Arc<I>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let tracker = TaskTracker::new();
+    // A child token: an error here stops our tasks without cancelling the
+    // caller's token.
+    let token = shutdown.child_token();
+    let result = agent(config, runtime, images, &tracker, token.clone()).await;
+    token.cancel();
+    tracker.close();
+    tracker.wait().await;
+    result
+}
+
+async fn agent<R: Runtime, I: Images>(
+    config: Config,
+    runtime: Arc<R>,
+    images: Arc<I>,
+    tracker: &TaskTracker,
+    token: CancellationToken,
+) -> anyhow::Result<()> {
+    let node = config.node.as_str().to_owned();
+    let (store, loaded, info) = {
+        let data_dir = config.data_dir.clone();
+        let labels = config.labels.clone();
+        let node = node.clone();
+        tokio::task::spawn_blocking(move || {
+            let store = StateStore::open(&data_dir)
+                .with_context(|| format!("data directory {}", data_dir.display()))?;
+            let loaded = store.load(&node);
+            anyhow::Ok((store, loaded, node_info::gather(&labels)))
+        })
+        .await
+        .context("loading the stored state")??
+    };
+    if loaded.is_none() {
+        tracing::info!("no stored desired state; waiting for the controller");
+    }
+    let mut accepted = loaded.as_ref().map(|d| d.generation);
+    let instance: u64 = rand::random();
+
+    let timing = ReportTiming {
+        debounce: STATUS_DEBOUNCE,
+        resync: config.resync,
+    };
+    let (reports, status) = report::spawn(
+        node.clone(),
+        instance,
+        info,
+        accepted.unwrap_or(0),
+        timing,
+        tracker,
+        token.clone(),
+    );
+    let settings = reconciler::Settings {
+        data_dir: config.data_dir.clone(),
+        stop_grace: config.stop_grace,
+    };
+    let reconciler = reconciler::spawn(
+        runtime,
+        images,
+        settings,
+        loaded,
+        reports.clone(),
+        tracker,
+        token.clone(),
+    );
+
+    let (desired_tx, mut desired_rx) = mpsc::channel(4);
+    let session = session::SessionConfig {
+        broker: config.broker.clone(),
+        node: node.clone(),
+        topics: Topics::new(&config.topic_prefix),
+        keepalive: config.keepalive,
+        instance,
+    };
+    session::spawn(session, status, desired_tx, tracker, token.clone())
+        .context("starting the mqtt session")?;
+    tracing::info!(node = %node, instance, "agent started");
+
+    loop {
+        let frame = tokio::select! {
+            () = token.cancelled() => return Ok(()),
+            frame = desired_rx.recv() => frame,
+        };
+        let Some(frame) = frame else {
+            // The session ends only at shutdown.
+            return Ok(());
+        };
+        match state::judge(&frame, &node, accepted) {
+            Verdict::Refuse(e) => {
+                tracing::warn!("refused desired state: {e}");
+                report(&reports, None, Some(e.to_string())).await;
+            }
+            Verdict::Unchanged => {
+                tracing::debug!(generation = ?accepted, "desired state unchanged");
+                report(&reports, None, None).await;
+            }
+            Verdict::Stale { generation } => {
+                tracing::info!(
+                    generation,
+                    accepted = ?accepted,
+                    "ignoring an older desired state"
+                );
+            }
+            Verdict::Accept(desired) => {
+                let generation = desired.generation;
+                tracing::info!(
+                    generation,
+                    pods = desired.pods.len(),
+                    "accepted desired state"
+                );
+                let store = store.clone();
+                let saved = tokio::task::spawn_blocking(move || store.save(&frame)).await;
+                match saved {
+                    Ok(Ok(())) => {}
+                    // Running the new state matters more than remembering
+                    // it; the controller sends it again after a restart.
+                    Ok(Err(e)) => tracing::error!("storing desired state: {e}; running it anyway"),
+                    Err(e) => tracing::error!("storing desired state: {e}; running it anyway"),
+                }
+                accepted = Some(generation);
+                reconciler
+                    .apply(desired)
+                    .await
+                    .context("handing the desired state to the reconciler")?;
+                report(&reports, Some(generation), None).await;
+            }
+        }
+    }
+}
+
+async fn report(reports: &ReportHandle, generation: Option<u64>, error: Option<String>) {
+    if let Err(e) = reports.desired(generation, error).await {
+        tracing::debug!("{e}");
+    }
+}

@@ -1,0 +1,296 @@
+//! How a container spec and its image become the process the runtime starts:
+//! argv by Kubernetes' rules, environment, working directory, user, paths.
+
+use std::path::{Path, PathBuf};
+
+use flotilla_proto::{ContainerSpec, EnvVar};
+use sha2::{Digest, Sha256};
+
+use crate::image::{Image, ImageConfig, resolve_user};
+use crate::runtime::ContainerConfig;
+
+/// Why a container could not be started, as reported in its `Waiting` state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct StartFailure {
+    /// CamelCase reason (`ImageNotFound`, `CreateFailed`, `StartFailed`, …).
+    pub reason: &'static str,
+    /// A sentence for people.
+    pub message: String,
+}
+
+impl StartFailure {
+    pub(crate) fn create(message: String) -> Self {
+        Self {
+            reason: "CreateFailed",
+            message,
+        }
+    }
+}
+
+/// The runtime id of a container: `{pod}.{container}.{hash}`, the hash being
+/// the first 8 hex digits of the SHA-256 of the spec's postcard encoding.
+/// A changed spec gets a new id, and a restarted agent recognises its
+/// containers by id alone.
+pub fn container_id(pod: &str, spec: &ContainerSpec) -> String {
+    let digest = Sha256::digest(spec_bytes(spec));
+    let hex: String = digest[..4].iter().map(|b| format!("{b:02x}")).collect();
+    format!("{pod}.{}.{hex}", spec.name)
+}
+
+/// The postcard encoding of `spec`. This crate reaches postcard only through
+/// `flotilla_proto::encode`, which takes whole messages: the spec is wrapped
+/// as the only container of an otherwise empty desired state, whose frame is
+/// a fixed prefix followed by exactly the spec's encoding.
+fn spec_bytes(spec: &ContainerSpec) -> Vec<u8> {
+    use flotilla_proto::{DesiredState, PodSpec, RestartPolicy, WIRE_VERSION};
+    // version, node "", generation 0, 1 pod, name "", workload "", Always, 1 container
+    const PREFIX: [u8; 8] = [WIRE_VERSION, 0, 0, 1, 0, 0, 0, 1];
+    let envelope = DesiredState {
+        node: String::new(),
+        generation: 0,
+        pods: vec![PodSpec {
+            name: String::new(),
+            workload: String::new(),
+            restart_policy: RestartPolicy::Always,
+            containers: vec![spec.clone()],
+        }],
+    };
+    match flotilla_proto::encode(&envelope) {
+        Ok(frame) if frame.starts_with(&PREFIX) => frame[PREFIX.len()..].to_vec(),
+        Ok(frame) => frame,
+        // Only a spec larger than any desired state could fail here; it
+        // still needs a stable id.
+        Err(_) => format!("{spec:?}").into_bytes(),
+    }
+}
+
+/// Splits a runtime id made by [`container_id`] into pod and container
+/// names; `None` for ids that are not ours.
+pub fn parse_id(id: &str) -> Option<(&str, &str)> {
+    let mut parts = id.split('.');
+    let (pod, container, hash) = (parts.next()?, parts.next()?, parts.next()?);
+    let hex = hash.len() == 8
+        && hash
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+    let ok = parts.next().is_none()
+        && hex
+        && flotilla_proto::check_name(pod).is_ok()
+        && flotilla_proto::check_name(container).is_ok();
+    ok.then_some((pod, container))
+}
+
+/// Where a container's output goes: `{data_dir}/logs/{pod}/{container}.log`.
+pub(crate) fn log_path(data_dir: &Path, pod: &str, container: &str) -> PathBuf {
+    pod_log_dir(data_dir, pod).join(format!("{container}.log"))
+}
+
+/// The directory of a pod's logs.
+pub(crate) fn pod_log_dir(data_dir: &Path, pod: &str) -> PathBuf {
+    data_dir.join("logs").join(pod)
+}
+
+/// Everything the runtime needs for `spec`, run from `image` in pod `pod`.
+/// Blocking (reads the image's passwd and group files).
+pub(crate) fn container_config(
+    pod: &str,
+    id: &str,
+    spec: &ContainerSpec,
+    image: &Image,
+    log_path: PathBuf,
+) -> Result<ContainerConfig, StartFailure> {
+    let args = argv(&spec.command, &spec.args, &image.config).map_err(StartFailure::create)?;
+    let env = environment(&image.config.env, &spec.env).map_err(StartFailure::create)?;
+    let cwd =
+        working_dir(spec.working_dir.as_deref(), &image.config).map_err(StartFailure::create)?;
+    let (uid, gid) = resolve_user(&image.rootfs, &image.config.user).map_err(|e| StartFailure {
+        reason: e.reason(),
+        message: e.to_string(),
+    })?;
+    Ok(ContainerConfig {
+        id: id.to_owned(),
+        image_rootfs: image.rootfs.clone(),
+        args,
+        env,
+        cwd,
+        uid,
+        gid,
+        hostname: pod.to_owned(),
+        resources: spec.resources,
+        log_path,
+    })
+}
+
+/// The process's argv by Kubernetes' rules: `command` replaces the image's
+/// entrypoint and `args` its cmd; a `command` without `args` runs alone.
+pub(crate) fn argv(
+    command: &[String],
+    args: &[String],
+    image: &ImageConfig,
+) -> Result<Vec<String>, String> {
+    let argv: Vec<String> = match (command.is_empty(), args.is_empty()) {
+        (false, _) => command.iter().chain(args).cloned().collect(),
+        (true, false) => image.entrypoint.iter().chain(args).cloned().collect(),
+        (true, true) => image.entrypoint.iter().chain(&image.cmd).cloned().collect(),
+    };
+    if argv.is_empty() {
+        return Err(
+            "no command: the container sets no command or args and the image has no entrypoint or cmd"
+                .to_owned(),
+        );
+    }
+    if argv[0].is_empty() {
+        return Err("command: the program name is empty".to_owned());
+    }
+    if let Some(i) = argv.iter().position(|a| a.contains('\0')) {
+        return Err(format!("argv[{i}]: contains a NUL byte"));
+    }
+    Ok(argv)
+}
+
+/// The image's environment with the spec's variables added or overriding.
+pub(crate) fn environment(image: &[String], spec: &[EnvVar]) -> Result<Vec<String>, String> {
+    for v in spec {
+        if v.name.is_empty() || v.name.contains(['=', '\0']) {
+            return Err(format!(
+                "env {:?}: a variable name must be non-empty, without '=' or NUL",
+                v.name
+            ));
+        }
+        if v.value.contains('\0') {
+            return Err(format!("env {}: the value contains a NUL byte", v.name));
+        }
+    }
+    let overridden = |entry: &String| {
+        let name = entry.split_once('=').map_or(entry.as_str(), |(n, _)| n);
+        spec.iter().any(|v| v.name == name)
+    };
+    let mut env: Vec<String> = image.iter().filter(|e| !overridden(e)).cloned().collect();
+    for (i, v) in spec.iter().enumerate() {
+        // A name repeated in the spec: the last one wins, as in a shell.
+        if spec[i + 1..].iter().all(|later| later.name != v.name) {
+            env.push(format!("{}={}", v.name, v.value));
+        }
+    }
+    Ok(env)
+}
+
+/// The spec's working directory, else the image's, else `/`.
+pub(crate) fn working_dir(spec: Option<&str>, image: &ImageConfig) -> Result<String, String> {
+    let dir = spec
+        .filter(|d| !d.is_empty())
+        .or(Some(image.working_dir.as_str()).filter(|d| !d.is_empty()))
+        .unwrap_or("/");
+    if !dir.starts_with('/') || dir.contains('\0') {
+        return Err(format!(
+            "working directory {dir:?}: expected an absolute path"
+        ));
+    }
+    Ok(dir.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use flotilla_proto::Resources;
+
+    use super::*;
+
+    fn s(v: &[&str]) -> Vec<String> {
+        v.iter().map(|x| (*x).to_owned()).collect()
+    }
+
+    fn image(entrypoint: &[&str], cmd: &[&str]) -> ImageConfig {
+        ImageConfig {
+            entrypoint: s(entrypoint),
+            cmd: s(cmd),
+            env: s(&["PATH=/bin", "A=image"]),
+            working_dir: String::new(),
+            user: String::new(),
+        }
+    }
+
+    #[test]
+    fn argv_rules() {
+        let img = image(&["/entry"], &["--cmd"]);
+        let check = |command: &[&str], args: &[&str]| argv(&s(command), &s(args), &img);
+        assert_eq!(check(&[], &[]), Ok(s(&["/entry", "--cmd"])));
+        assert_eq!(check(&["/bin/sh"], &[]), Ok(s(&["/bin/sh"])));
+        assert_eq!(
+            check(&["/bin/sh"], &["-c", "x"]),
+            Ok(s(&["/bin/sh", "-c", "x"]))
+        );
+        assert_eq!(check(&[], &["--other"]), Ok(s(&["/entry", "--other"])));
+        let empty = image(&[], &[]);
+        assert!(
+            argv(&[], &[], &empty)
+                .unwrap_err()
+                .starts_with("no command")
+        );
+        assert_eq!(argv(&[], &s(&["x"]), &empty), Ok(s(&["x"])));
+        assert!(argv(&s(&["a\0b"]), &[], &empty).is_err());
+    }
+
+    #[test]
+    fn env_overrides() {
+        let var = |n: &str, v: &str| EnvVar {
+            name: n.into(),
+            value: v.into(),
+        };
+        let img = s(&["PATH=/bin", "A=image", "B=keep"]);
+        assert_eq!(
+            environment(&img, &[var("A", "1"), var("C", "2"), var("C", "3")]),
+            Ok(s(&["PATH=/bin", "B=keep", "A=1", "C=3"]))
+        );
+        assert!(environment(&img, &[var("A=B", "1")]).is_err());
+        assert!(environment(&img, &[var("", "1")]).is_err());
+    }
+
+    #[test]
+    fn working_dirs() {
+        let mut img = image(&[], &[]);
+        assert_eq!(working_dir(None, &img), Ok("/".into()));
+        img.working_dir = "/srv".into();
+        assert_eq!(working_dir(None, &img), Ok("/srv".into()));
+        assert_eq!(working_dir(Some("/app"), &img), Ok("/app".into()));
+        assert!(working_dir(Some("app"), &img).is_err());
+    }
+
+    #[test]
+    fn ids_are_stable_and_follow_the_spec() {
+        let spec = ContainerSpec {
+            name: "web".into(),
+            image: "oci:/img".into(),
+            command: s(&["/bin/sh"]),
+            args: vec![],
+            env: vec![],
+            working_dir: None,
+            resources: Resources::default(),
+        };
+        let id = container_id("shop", &spec);
+        assert_eq!(id, container_id("shop", &spec.clone()));
+        assert_eq!(parse_id(&id), Some(("shop", "web")));
+        assert_eq!(id.len(), "shop.web.".len() + 8);
+        let mut changed = spec.clone();
+        changed.args = s(&["-c", "true"]);
+        assert_ne!(container_id("shop", &changed), id);
+        // The hash covers exactly the spec's own encoding.
+        let bytes = spec_bytes(&spec);
+        assert_eq!(bytes[0], 3, "the name's length comes first");
+        assert_eq!(&bytes[1..4], b"web");
+
+        // Pinned (and checked by hashing hand-written postcard bytes): a
+        // different hash for the same spec would make an upgraded agent
+        // replace every running container.
+        assert_eq!(id, "shop.web.e2b7aa81");
+
+        for not_ours in [
+            "shop.web",
+            "shop.web.123",
+            "shop.web.1234567g",
+            "a.b.c.d",
+            "Shop.web.12345678",
+        ] {
+            assert_eq!(parse_id(not_ours), None, "{not_ours}");
+        }
+    }
+}

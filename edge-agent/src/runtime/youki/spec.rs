@@ -1,0 +1,599 @@
+//! The OCI runtime spec (`config.json`) of one container, built from its
+//! [`ContainerConfig`]: Docker-like defaults (namespaces, mounts,
+//! capabilities, masked paths) with host networking, and the container's
+//! resource limits.
+
+use std::collections::HashSet;
+use std::path::Path;
+
+use oci_spec::OciSpecError;
+use oci_spec::runtime::{
+    Capability, LinuxBuilder, LinuxCapabilitiesBuilder, LinuxCpuBuilder, LinuxDeviceCgroupBuilder,
+    LinuxMemoryBuilder, LinuxNamespaceBuilder, LinuxNamespaceType, LinuxPidsBuilder,
+    LinuxResourcesBuilder, Mount, MountBuilder, PosixRlimitBuilder, PosixRlimitType,
+    ProcessBuilder, RootBuilder, Spec, SpecBuilder, UserBuilder, get_default_maskedpaths,
+    get_default_readonly_paths,
+};
+
+use crate::runtime::ContainerConfig;
+
+/// Errors building a runtime spec. Each names the field that is wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum SpecError {
+    /// `args` is empty.
+    #[error("args: empty, expected at least the executable")]
+    NoArgs,
+    /// A string holds a NUL byte, which exec cannot pass.
+    #[error("{field}: contains a NUL byte")]
+    Nul { field: &'static str },
+    /// An environment entry is not `KEY=value`.
+    #[error("env: {entry:?} is not KEY=value")]
+    BadEnv { entry: String },
+    /// The command line and environment are too large.
+    #[error("args and env: {bytes} bytes, over the {max}-byte limit")]
+    TooLarge { bytes: usize, max: usize },
+    /// A host path is relative: libcontainer changes the process's working
+    /// directory while it starts containers, so only absolute paths are safe.
+    #[error("{field}: {path} is not an absolute path")]
+    RelativeHostPath { field: &'static str, path: String },
+    /// The working directory is not absolute.
+    #[error("cwd: {cwd:?} is not an absolute path")]
+    RelativeCwd { cwd: String },
+    /// The hostname cannot be set.
+    #[error("hostname: {hostname:?} is not a valid hostname (1 to 64 letters, digits, '-' or '.')")]
+    BadHostname { hostname: String },
+    /// A resource limit is out of range.
+    #[error("resources.{field}: {value} is below the minimum {min}")]
+    LimitTooLow {
+        field: &'static str,
+        value: u64,
+        min: u64,
+    },
+    /// A capability the container would get is not in the host's bounding
+    /// set, so the kernel would refuse to grant it.
+    #[error("capability CAP_{name} is not in the host's capability bounding set")]
+    CapabilityUnavailable { name: String },
+    /// A capability name this runtime does not know.
+    #[error("capability {name:?}: unknown to this runtime")]
+    UnknownCapability { name: String },
+    /// /proc/self/status could not be read.
+    #[error("reading the host capability bounding set from /proc/self/status: {0}")]
+    BoundingSet(std::io::Error),
+    /// oci-spec refused a value.
+    #[error("building the OCI spec: {0}")]
+    Oci(#[from] OciSpecError),
+}
+
+/// The PATH a process gets when its environment has none (Docker's).
+pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+/// Cap on args plus env, well under the kernel's own limit for exec.
+const MAX_EXEC_BYTES: usize = 256 * 1024;
+/// CFS period for CPU limits, in microseconds.
+const CPU_PERIOD: u64 = 100_000;
+/// The kernel refuses CFS quotas under 1 ms; like the kubelet, smaller CPU
+/// limits are raised to it rather than refused.
+const MIN_CPU_QUOTA: i64 = 1_000;
+/// Below this the container cannot even exec its process.
+const MIN_MEMORY: u64 = 1024 * 1024;
+
+/// Host facts the spec depends on.
+#[derive(Debug, Clone, Copy)]
+pub struct Host {
+    /// The kernel accounts swap: a memory+swap limit can be set.
+    pub swap_accounting: bool,
+}
+
+/// Docker's default capability set.
+pub fn default_capabilities() -> Vec<Capability> {
+    use Capability::*;
+    vec![
+        Chown,
+        DacOverride,
+        Fsetid,
+        Fowner,
+        Mknod,
+        NetRaw,
+        Setgid,
+        Setuid,
+        Setfcap,
+        Setpcap,
+        NetBindService,
+        SysChroot,
+        Kill,
+        AuditWrite,
+    ]
+}
+
+/// The environment the process gets: `env` plus a default PATH when it has
+/// none, because libcontainer refuses to start a process without one.
+pub fn process_env(env: &[String]) -> Vec<String> {
+    let mut out = env.to_vec();
+    if !env.iter().any(|e| e.starts_with("PATH=")) {
+        out.push(format!("PATH={DEFAULT_PATH}"));
+    }
+    out
+}
+
+/// The PATH value of a process environment.
+pub fn path_of(env: &[String]) -> &str {
+    env.iter()
+        .find_map(|e| e.strip_prefix("PATH="))
+        .unwrap_or(DEFAULT_PATH)
+}
+
+/// Checks the parts of `config` that do not need the rootfs.
+pub fn validate(config: &ContainerConfig) -> Result<(), SpecError> {
+    if config.args.is_empty() {
+        return Err(SpecError::NoArgs);
+    }
+    for (field, path) in [
+        ("image_rootfs", &config.image_rootfs),
+        ("log_path", &config.log_path),
+    ] {
+        if !path.is_absolute() {
+            return Err(SpecError::RelativeHostPath {
+                field,
+                path: path.display().to_string(),
+            });
+        }
+    }
+    let bytes: usize = config
+        .args
+        .iter()
+        .chain(&config.env)
+        .map(|s| s.len() + 1)
+        .sum();
+    if bytes > MAX_EXEC_BYTES {
+        return Err(SpecError::TooLarge {
+            bytes,
+            max: MAX_EXEC_BYTES,
+        });
+    }
+    if config.args.iter().any(|a| a.contains('\0')) {
+        return Err(SpecError::Nul { field: "args" });
+    }
+    for entry in &config.env {
+        if entry.contains('\0') {
+            return Err(SpecError::Nul { field: "env" });
+        }
+        if entry.split_once('=').is_none_or(|(k, _)| k.is_empty()) {
+            return Err(SpecError::BadEnv {
+                entry: entry.clone(),
+            });
+        }
+    }
+    if !config.cwd.starts_with('/') || config.cwd.contains('\0') {
+        return Err(SpecError::RelativeCwd {
+            cwd: config.cwd.clone(),
+        });
+    }
+    let h = &config.hostname;
+    if h.is_empty()
+        || h.len() > 64
+        || !h
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+    {
+        return Err(SpecError::BadHostname {
+            hostname: h.clone(),
+        });
+    }
+    if let Some(m) = config.resources.memory_bytes.filter(|m| *m < MIN_MEMORY) {
+        return Err(SpecError::LimitTooLow {
+            field: "memory_bytes",
+            value: m,
+            min: MIN_MEMORY,
+        });
+    }
+    if config.resources.pids == Some(0) {
+        return Err(SpecError::LimitTooLow {
+            field: "pids",
+            value: 0,
+            min: 1,
+        });
+    }
+    Ok(())
+}
+
+/// The capability bounding set of this process, as a bit mask.
+pub fn host_bounding_set() -> Result<u64, SpecError> {
+    let status = std::fs::read_to_string("/proc/self/status").map_err(SpecError::BoundingSet)?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapBnd:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .ok_or_else(|| SpecError::BoundingSet(std::io::Error::other("no parsable CapBnd line")))
+}
+
+/// Refuses capabilities outside `bounding`: libcontainer would fail on them
+/// with an error that does not say which one.
+pub fn check_capabilities(caps: &[Capability], bounding: u64) -> Result<(), SpecError> {
+    for cap in caps {
+        let name = cap.to_string();
+        let bit = capability_number(&name)
+            .ok_or_else(|| SpecError::UnknownCapability { name: name.clone() })?;
+        if bounding & (1u64 << bit) == 0 {
+            return Err(SpecError::CapabilityUnavailable { name });
+        }
+    }
+    Ok(())
+}
+
+/// Linux capability numbers, by the name oci-spec displays (no `CAP_`).
+fn capability_number(name: &str) -> Option<u32> {
+    const NAMES: [&str; 41] = [
+        "CHOWN",
+        "DAC_OVERRIDE",
+        "DAC_READ_SEARCH",
+        "FOWNER",
+        "FSETID",
+        "KILL",
+        "SETGID",
+        "SETUID",
+        "SETPCAP",
+        "LINUX_IMMUTABLE",
+        "NET_BIND_SERVICE",
+        "NET_BROADCAST",
+        "NET_ADMIN",
+        "NET_RAW",
+        "IPC_LOCK",
+        "IPC_OWNER",
+        "SYS_MODULE",
+        "SYS_RAWIO",
+        "SYS_CHROOT",
+        "SYS_PTRACE",
+        "SYS_PACCT",
+        "SYS_ADMIN",
+        "SYS_BOOT",
+        "SYS_NICE",
+        "SYS_RESOURCE",
+        "SYS_TIME",
+        "SYS_TTY_CONFIG",
+        "MKNOD",
+        "LEASE",
+        "AUDIT_WRITE",
+        "AUDIT_CONTROL",
+        "SETFCAP",
+        "MAC_OVERRIDE",
+        "MAC_ADMIN",
+        "SYSLOG",
+        "WAKE_ALARM",
+        "BLOCK_SUSPEND",
+        "AUDIT_READ",
+        "PERFMON",
+        "BPF",
+        "CHECKPOINT_RESTORE",
+    ];
+    NAMES
+        .iter()
+        .position(|n| *n == name)
+        .and_then(|i| u32::try_from(i).ok())
+}
+
+/// Builds the spec. `cgroups_path` is absolute within each hierarchy;
+/// `config` must have passed [`validate`].
+pub fn build(
+    config: &ContainerConfig,
+    cgroups_path: &str,
+    caps: &[Capability],
+    host: Host,
+) -> Result<Spec, SpecError> {
+    let cap_set: HashSet<Capability> = caps.iter().copied().collect();
+    let capabilities = LinuxCapabilitiesBuilder::default()
+        .bounding(cap_set.clone())
+        .effective(cap_set.clone())
+        .permitted(cap_set)
+        .inheritable(HashSet::new())
+        .ambient(HashSet::new())
+        .build()?;
+    let process = ProcessBuilder::default()
+        .terminal(false)
+        .user(
+            UserBuilder::default()
+                .uid(config.uid)
+                .gid(config.gid)
+                .build()?,
+        )
+        .args(config.args.clone())
+        .env(process_env(&config.env))
+        .cwd(config.cwd.clone())
+        .no_new_privileges(true)
+        .capabilities(capabilities)
+        .rlimits(vec![
+            PosixRlimitBuilder::default()
+                .typ(PosixRlimitType::RlimitNofile)
+                .hard(1024u64)
+                .soft(1024u64)
+                .build()?,
+        ])
+        .build()?;
+
+    let namespaces = [
+        LinuxNamespaceType::Pid,
+        LinuxNamespaceType::Mount,
+        LinuxNamespaceType::Uts,
+        LinuxNamespaceType::Ipc,
+    ]
+    .into_iter()
+    .map(|typ| LinuxNamespaceBuilder::default().typ(typ).build())
+    .collect::<Result<Vec<_>, _>>()?;
+
+    let mut resources = LinuxResourcesBuilder::default().devices(vec![
+        // Deny every device, then libcgroups allows its default set.
+        LinuxDeviceCgroupBuilder::default()
+            .allow(false)
+            .access("rwm")
+            .build()?,
+    ]);
+    let limits = &config.resources;
+    if let Some(bytes) = limits.memory_bytes {
+        let limit = i64::try_from(bytes).unwrap_or(i64::MAX);
+        let mut memory = LinuxMemoryBuilder::default().limit(limit);
+        if host.swap_accounting {
+            // memory+swap equal to memory: no swap at all.
+            memory = memory.swap(limit);
+        }
+        resources = resources.memory(memory.build()?);
+    }
+    if let Some(millis) = limits.cpu_millis {
+        let quota = (i64::from(millis) * 100).max(MIN_CPU_QUOTA);
+        resources = resources.cpu(
+            LinuxCpuBuilder::default()
+                .quota(quota)
+                .period(CPU_PERIOD)
+                .build()?,
+        );
+    }
+    if let Some(pids) = limits.pids {
+        resources = resources.pids(LinuxPidsBuilder::default().limit(i64::from(pids)).build()?);
+    }
+
+    let mut masked = get_default_maskedpaths();
+    masked.push("/proc/interrupts".into());
+    masked.push("/sys/devices/virtual/powercap".into());
+
+    let linux = LinuxBuilder::default()
+        .cgroups_path(cgroups_path)
+        .namespaces(namespaces)
+        .resources(resources.build()?)
+        .masked_paths(masked)
+        .readonly_paths(get_default_readonly_paths())
+        .build()?;
+
+    Ok(SpecBuilder::default()
+        .version("1.0.2")
+        .root(
+            RootBuilder::default()
+                .path("rootfs")
+                .readonly(false)
+                .build()?,
+        )
+        .hostname(config.hostname.clone())
+        .process(process)
+        .mounts(mounts()?)
+        .linux(linux)
+        .build()?)
+}
+
+/// The standard mounts, plus the host's resolver files read-only since the
+/// container shares the host's network, as `docker --network host` does.
+fn mounts() -> Result<Vec<Mount>, SpecError> {
+    let m = |dest: &str, typ: &str, source: &str, opts: &[&str]| {
+        MountBuilder::default()
+            .destination(dest)
+            .typ(typ)
+            .source(source)
+            .options(opts.iter().map(|o| o.to_string()).collect::<Vec<_>>())
+            .build()
+    };
+    let mut out = vec![
+        m("/proc", "proc", "proc", &["nosuid", "noexec", "nodev"])?,
+        m(
+            "/dev",
+            "tmpfs",
+            "tmpfs",
+            &["nosuid", "strictatime", "mode=755", "size=65536k"],
+        )?,
+        m(
+            "/dev/pts",
+            "devpts",
+            "devpts",
+            &[
+                "nosuid",
+                "noexec",
+                "newinstance",
+                "ptmxmode=0666",
+                "mode=0620",
+                "gid=5",
+            ],
+        )?,
+        m(
+            "/dev/shm",
+            "tmpfs",
+            "shm",
+            &["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"],
+        )?,
+        m(
+            "/dev/mqueue",
+            "mqueue",
+            "mqueue",
+            &["nosuid", "noexec", "nodev"],
+        )?,
+        m(
+            "/sys",
+            "sysfs",
+            "sysfs",
+            &["nosuid", "noexec", "nodev", "ro"],
+        )?,
+    ];
+    for file in ["/etc/resolv.conf", "/etc/hosts"] {
+        if Path::new(file).is_file() {
+            out.push(m(
+                file,
+                "bind",
+                file,
+                &["rbind", "ro", "nosuid", "nodev", "noexec"],
+            )?);
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use flotilla_proto::Resources;
+
+    use super::*;
+
+    fn config() -> ContainerConfig {
+        ContainerConfig {
+            id: "web.app.1".into(),
+            image_rootfs: PathBuf::from("/img"),
+            args: vec!["sh".into(), "-c".into(), "true".into()],
+            env: vec!["A=b".into()],
+            cwd: "/".into(),
+            uid: 1000,
+            gid: 1001,
+            hostname: "web".into(),
+            resources: Resources {
+                cpu_millis: Some(250),
+                memory_bytes: Some(64 << 20),
+                pids: Some(32),
+            },
+            log_path: PathBuf::from("/tmp/log"),
+        }
+    }
+
+    #[test]
+    fn spec_carries_process_and_limits() {
+        let spec = build(
+            &config(),
+            "/flotilla/n/web.app.1",
+            &default_capabilities(),
+            Host {
+                swap_accounting: true,
+            },
+        )
+        .unwrap();
+        let p = spec.process().as_ref().unwrap();
+        assert_eq!(p.user().uid(), 1000);
+        assert_eq!(p.user().gid(), 1001);
+        let env = p.env().as_ref().unwrap();
+        assert!(env.contains(&"A=b".to_string()));
+        assert!(env.contains(&format!("PATH={DEFAULT_PATH}")));
+        assert_eq!(p.no_new_privileges(), Some(true));
+        let caps = p.capabilities().as_ref().unwrap();
+        assert!(
+            caps.bounding()
+                .as_ref()
+                .unwrap()
+                .contains(&Capability::NetRaw)
+        );
+        assert!(
+            !caps
+                .bounding()
+                .as_ref()
+                .unwrap()
+                .contains(&Capability::SysAdmin)
+        );
+
+        let linux = spec.linux().as_ref().unwrap();
+        assert_eq!(
+            linux.cgroups_path().as_deref(),
+            Some(Path::new("/flotilla/n/web.app.1"))
+        );
+        let ns: Vec<_> = linux
+            .namespaces()
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|n| n.typ())
+            .collect();
+        assert!(!ns.contains(&LinuxNamespaceType::Network));
+        assert!(ns.contains(&LinuxNamespaceType::Pid));
+        let r = linux.resources().as_ref().unwrap();
+        let cpu = r.cpu().as_ref().unwrap();
+        assert_eq!((cpu.quota(), cpu.period()), (Some(25_000), Some(100_000)));
+        let mem = r.memory().as_ref().unwrap();
+        assert_eq!((mem.limit(), mem.swap()), (Some(64 << 20), Some(64 << 20)));
+        assert_eq!(r.pids().as_ref().unwrap().limit(), 32);
+        assert!(spec.mounts().as_ref().unwrap().iter().any(|m| {
+            m.destination() == Path::new("/sys")
+                && m.options().as_ref().unwrap().contains(&"ro".to_string())
+        }));
+    }
+
+    #[test]
+    fn tiny_cpu_limits_are_raised_to_the_kernel_minimum() {
+        let mut c = config();
+        c.resources.cpu_millis = Some(1);
+        let spec = build(
+            &c,
+            "/x/y",
+            &[],
+            Host {
+                swap_accounting: false,
+            },
+        )
+        .unwrap();
+        let r = spec.linux().as_ref().unwrap().resources().as_ref().unwrap();
+        assert_eq!(r.cpu().as_ref().unwrap().quota(), Some(1_000));
+        assert_eq!(r.memory().as_ref().unwrap().swap(), None);
+    }
+
+    #[test]
+    fn validation_names_the_bad_field() {
+        type Edit = fn(&mut ContainerConfig);
+        let cases: [(Edit, &str); 8] = [
+            (
+                |c| c.log_path = "logs/x.log".into(),
+                "log_path: logs/x.log is not an absolute path",
+            ),
+            (|c| c.args.clear(), "args: empty"),
+            (
+                |c| c.env.push("novalue".into()),
+                "env: \"novalue\" is not KEY=value",
+            ),
+            (
+                |c| c.cwd = "srv".into(),
+                "cwd: \"srv\" is not an absolute path",
+            ),
+            (|c| c.hostname = "a b".into(), "hostname: \"a b\""),
+            (|c| c.hostname = "x".repeat(65), "hostname:"),
+            (
+                |c| c.resources.memory_bytes = Some(4096),
+                "resources.memory_bytes: 4096 is below the minimum 1048576",
+            ),
+            (|c| c.resources.pids = Some(0), "resources.pids: 0"),
+        ];
+        for (edit, want) in cases {
+            let mut c = config();
+            edit(&mut c);
+            let err = validate(&c).unwrap_err().to_string();
+            assert!(err.starts_with(want), "{err:?} should start with {want:?}");
+        }
+        validate(&config()).unwrap();
+    }
+
+    #[test]
+    fn capabilities_outside_the_bounding_set_are_named() {
+        let all = u64::MAX;
+        check_capabilities(&default_capabilities(), all).unwrap();
+        let without_net_raw = all & !(1 << 13);
+        let err = check_capabilities(&default_capabilities(), without_net_raw).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "capability CAP_NET_RAW is not in the host's capability bounding set"
+        );
+        for cap in [
+            Capability::SysResource,
+            Capability::CheckpointRestore,
+            Capability::DacReadSearch,
+        ] {
+            assert!(capability_number(&cap.to_string()).is_some(), "{cap}");
+        }
+        assert_eq!(capability_number("SYS_RESOURCE"), Some(24));
+    }
+}
