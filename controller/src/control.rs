@@ -483,6 +483,7 @@ mod tests {
             seq: observed + 1,
             observed_generation: observed,
             desired_error: None,
+            health: Default::default(),
             info: NodeInfo {
                 labels: vec![Label {
                     key: "site".into(),

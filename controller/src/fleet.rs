@@ -145,6 +145,7 @@ mod tests {
             seq,
             observed_generation: 0,
             desired_error: None,
+            health: Default::default(),
             info: NodeInfo {
                 labels: vec![Label {
                     key: "site".into(),

@@ -245,6 +245,7 @@ mod tests {
                 seq: 2,
                 observed_generation: 4,
                 desired_error: None,
+                health: Default::default(),
                 info: NodeInfo::default(),
                 pods: vec![],
             };

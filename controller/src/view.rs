@@ -174,12 +174,20 @@ fn pod_view(
 }
 
 fn container_view(c: &ContainerStatus) -> Value {
-    let mut v = json!({ "name": c.name, "restarts": c.restarts });
+    let mut v = json!({ "name": c.name, "restarts": c.restarts, "ready": c.ready });
+    if let Some(pull) = c.pull {
+        v["pull"] = json!({ "doneBytes": pull.done_bytes, "totalBytes": pull.total_bytes });
+    }
     match &c.state {
-        ContainerState::Waiting { reason, message } => {
+        ContainerState::Waiting {
+            reason,
+            message,
+            retry_at_ms,
+        } => {
             v["state"] = "Waiting".into();
             v["reason"] = reason.as_str().into();
             v["message"] = message.as_deref().into();
+            v["retryAtMs"] = (*retry_at_ms).into();
         }
         ContainerState::Running { started_at_ms } => {
             v["state"] = "Running".into();

@@ -45,6 +45,9 @@ pub fn gather(labels: &NodeLabels) -> NodeInfo {
             .map(|n| u32::try_from(n.get()).unwrap_or(u32::MAX))
             .unwrap_or(1),
         memory_bytes,
+        boot_id: std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+            .map(|s| s.trim().to_owned())
+            .unwrap_or_default(),
     }
 }
 

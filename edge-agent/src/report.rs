@@ -103,6 +103,7 @@ pub fn spawn(
             observed_generation,
             desired_error: None,
             info,
+            health: Default::default(),
             pods: Vec::new(),
         },
         pods: BTreeMap::new(),

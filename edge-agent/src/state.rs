@@ -257,6 +257,10 @@ mod tests {
             env: vec![],
             working_dir: None,
             resources: Resources::default(),
+            volume_mounts: vec![],
+            liveness_probe: None,
+            readiness_probe: None,
+            startup_probe: None,
         }
     }
 
@@ -270,6 +274,8 @@ mod tests {
                     name: (*name).into(),
                     workload: "w".into(),
                     restart_policy: RestartPolicy::Always,
+                    termination_grace_secs: 30,
+                    volumes: vec![],
                     containers: cs.iter().map(|c| container(c)).collect(),
                 })
                 .collect(),

@@ -26,6 +26,8 @@ fn state(node: &str, generation: u64, pod: &str) -> DesiredState {
             name: pod.into(),
             workload: pod.into(),
             restart_policy: RestartPolicy::Always,
+            termination_grace_secs: 30,
+            volumes: vec![],
             containers: vec![spec()],
         }],
     }
@@ -40,6 +42,10 @@ fn spec() -> ContainerSpec {
         env: vec![],
         working_dir: None,
         resources: Resources::default(),
+        volume_mounts: vec![],
+        liveness_probe: None,
+        readiness_probe: None,
+        startup_probe: None,
     }
 }
 

@@ -33,6 +33,10 @@ fn container(name: &str, command: &[&str]) -> ContainerSpec {
         env: vec![],
         working_dir: None,
         resources: Resources::default(),
+        volume_mounts: vec![],
+        liveness_probe: None,
+        readiness_probe: None,
+        startup_probe: None,
     }
 }
 
@@ -41,6 +45,8 @@ fn pod(name: &str, policy: RestartPolicy, containers: Vec<ContainerSpec>) -> Pod
         name: name.into(),
         workload: format!("{name}-workload"),
         restart_policy: policy,
+        termination_grace_secs: 30,
+        volumes: vec![],
         containers,
     }
 }
@@ -368,7 +374,9 @@ async fn start_failures_wait_with_a_reason_and_retry() {
         .containers
         .iter()
         .map(|c| match &c.state {
-            ContainerState::Waiting { reason, message } => {
+            ContainerState::Waiting {
+                reason, message, ..
+            } => {
                 assert!(message.is_some(), "{} has no message", c.name);
                 reason.as_str()
             }

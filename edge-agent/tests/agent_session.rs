@@ -239,6 +239,10 @@ fn app(version: &str) -> ContainerSpec {
         env: vec![],
         working_dir: None,
         resources: Resources::default(),
+        volume_mounts: vec![],
+        liveness_probe: None,
+        readiness_probe: None,
+        startup_probe: None,
     }
 }
 
@@ -250,6 +254,8 @@ fn desired(node: &str, generation: u64, version: &str) -> DesiredState {
             name: "web".into(),
             workload: "web".into(),
             restart_policy: RestartPolicy::Always,
+            termination_grace_secs: 30,
+            volumes: vec![],
             containers: vec![app(version)],
         }],
     }

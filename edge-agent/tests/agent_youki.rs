@@ -26,6 +26,10 @@ fn container(name: &str, image: &str, script: &str) -> ContainerSpec {
         env: vec![],
         working_dir: None,
         resources: Resources::default(),
+        volume_mounts: vec![],
+        liveness_probe: None,
+        readiness_probe: None,
+        startup_probe: None,
     }
 }
 
@@ -34,6 +38,8 @@ fn pod(name: &str, c: ContainerSpec) -> PodSpec {
         name: name.into(),
         workload: name.into(),
         restart_policy: RestartPolicy::Always,
+        termination_grace_secs: 30,
+        volumes: vec![],
         containers: vec![c],
     }
 }

@@ -33,8 +33,101 @@ pub struct PodSpec {
     pub workload: String,
     /// What to do when a container exits.
     pub restart_policy: RestartPolicy,
+    /// Seconds between SIGTERM and SIGKILL when a container is stopped.
+    pub termination_grace_secs: u32,
+    /// Volumes the containers can mount, names unique in the pod.
+    pub volumes: Vec<Volume>,
     /// The containers, in start order.
     pub containers: Vec<ContainerSpec>,
+}
+
+/// A volume of a pod.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Volume {
+    /// Name unique in the pod (a DNS label), used by `VolumeMount::name`.
+    pub name: String,
+    /// Where its files come from.
+    pub source: VolumeSource,
+}
+
+/// Where a volume's files come from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum VolumeSource {
+    /// A directory or file of the device (absolute path).
+    HostPath {
+        /// Absolute path on the device.
+        path: String,
+    },
+    /// An empty directory made for the pod, kept across container restarts
+    /// and removed with the pod.
+    Scratch,
+    /// Small files shipped in the desired state, mounted read-only.
+    Config {
+        /// The files.
+        files: Vec<ConfigFile>,
+    },
+}
+
+/// One file of a config volume.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConfigFile {
+    /// Relative path inside the volume (no `..`, not absolute).
+    pub path: String,
+    /// The file's bytes.
+    pub data: Vec<u8>,
+    /// Permission bits (e.g. `0o644`).
+    pub mode: u32,
+}
+
+/// Where a container sees a volume.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeMount {
+    /// The pod volume's name.
+    pub name: String,
+    /// Absolute path inside the container.
+    pub mount_path: String,
+    /// Mounted read-only (config volumes always are).
+    pub read_only: bool,
+}
+
+/// A health check of a container.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Probe {
+    /// What is checked.
+    pub action: ProbeAction,
+    /// Seconds after the container starts before the first check.
+    pub initial_delay_secs: u32,
+    /// Seconds between checks.
+    pub period_secs: u32,
+    /// Seconds before one check counts as failed.
+    pub timeout_secs: u32,
+    /// Consecutive successes that make the probe pass after a failure.
+    pub success_threshold: u32,
+    /// Consecutive failures that make the probe fail.
+    pub failure_threshold: u32,
+}
+
+/// What a probe checks. Pods use the host's network, so ports are on the
+/// device's loopback.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ProbeAction {
+    /// A command run inside the container; exit code 0 passes.
+    Exec {
+        /// argv.
+        command: Vec<String>,
+    },
+    /// A TCP connection to the port opens.
+    Tcp {
+        /// Port on the device.
+        port: u16,
+    },
+    /// An HTTP GET answers 200–399.
+    Http {
+        /// Port on the device.
+        port: u16,
+        /// Request path, starting with `/`.
+        path: String,
+    },
 }
 
 /// When an exited container is started again.
@@ -66,6 +159,14 @@ pub struct ContainerSpec {
     pub working_dir: Option<String>,
     /// Limits enforced through cgroups.
     pub resources: Resources,
+    /// Volumes of the pod mounted into this container.
+    pub volume_mounts: Vec<VolumeMount>,
+    /// Restarts the container when it fails.
+    pub liveness_probe: Option<Probe>,
+    /// Decides whether the container is ready (reported, used by rollouts).
+    pub readiness_probe: Option<Probe>,
+    /// Holds the other probes back until it passes once.
+    pub startup_probe: Option<Probe>,
 }
 
 /// One environment variable.

@@ -11,14 +11,20 @@ mod codec;
 mod desired;
 mod names;
 mod presence;
+mod rpc;
 mod status;
 mod topics;
 
 pub use codec::{DecodeError, EncodeError, Message, WIRE_VERSION, decode, encode};
-pub use desired::{ContainerSpec, DesiredState, EnvVar, PodSpec, Resources, RestartPolicy};
+pub use desired::{
+    ConfigFile, ContainerSpec, DesiredState, EnvVar, PodSpec, Probe, ProbeAction, Resources,
+    RestartPolicy, Volume, VolumeMount, VolumeSource,
+};
 pub use names::{NameError, check_label_key, check_label_value, check_name};
 pub use presence::Presence;
+pub use rpc::{LogCursor, LogsRequest, RpcCall, RpcRequest, RpcResponse, RpcResult};
 pub use status::{
-    ContainerState, ContainerStatus, Label, NodeInfo, NodeStatus, PodPhase, PodStatus,
+    ContainerState, ContainerStatus, Label, NodeHealth, NodeInfo, NodeStatus, PodPhase, PodStatus,
+    PullProgress,
 };
 pub use topics::{DEFAULT_PREFIX, TopicKind, Topics};

@@ -24,6 +24,9 @@ pub struct NodeStatus {
     pub desired_error: Option<String>,
     /// Facts about the node.
     pub info: NodeInfo,
+    /// How the node is doing, refreshed on the slow resync timer (so idle
+    /// traffic stays small) and when it crosses a warning level.
+    pub health: NodeHealth,
     /// Every pod on the node, desired or still being removed.
     pub pods: Vec<PodStatus>,
 }
@@ -48,6 +51,23 @@ pub struct NodeInfo {
     pub cpus: u32,
     /// Total memory in bytes.
     pub memory_bytes: u64,
+    /// The kernel's boot id: a new one means the device rebooted.
+    pub boot_id: String,
+}
+
+/// Resource use of a node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct NodeHealth {
+    /// Memory available for new work, in bytes.
+    pub memory_available_bytes: u64,
+    /// Free bytes on the filesystem of the agent's data directory.
+    pub disk_free_bytes: u64,
+    /// Size of that filesystem in bytes.
+    pub disk_total_bytes: u64,
+    /// One-minute load average × 1000.
+    pub load_milli: u32,
+    /// Seconds since the device booted.
+    pub uptime_secs: u64,
 }
 
 /// A `key=value` label.
@@ -100,6 +120,19 @@ pub struct ContainerStatus {
     pub state: ContainerState,
     /// How many times it was started again after exiting.
     pub restarts: u32,
+    /// Running and its readiness probe (if any) passes.
+    pub ready: bool,
+    /// Progress of the image download while the image is being pulled.
+    pub pull: Option<PullProgress>,
+}
+
+/// How far an image download has come.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PullProgress {
+    /// Bytes downloaded and verified so far.
+    pub done_bytes: u64,
+    /// Bytes in all (0 until known).
+    pub total_bytes: u64,
 }
 
 /// The state of a container.
@@ -111,6 +144,9 @@ pub enum ContainerState {
         reason: String,
         /// A sentence for people.
         message: Option<String>,
+        /// When the next attempt is due (back-off), in milliseconds since the
+        /// Unix epoch (device clock).
+        retry_at_ms: Option<u64>,
     },
     /// Running.
     Running {

@@ -11,6 +11,29 @@ fn desired() -> DesiredState {
             name: "web".into(),
             workload: "web".into(),
             restart_policy: RestartPolicy::OnFailure,
+            termination_grace_secs: 30,
+            volumes: vec![
+                Volume {
+                    name: "data".into(),
+                    source: VolumeSource::HostPath {
+                        path: "/srv".into(),
+                    },
+                },
+                Volume {
+                    name: "tmp".into(),
+                    source: VolumeSource::Scratch,
+                },
+                Volume {
+                    name: "conf".into(),
+                    source: VolumeSource::Config {
+                        files: vec![ConfigFile {
+                            path: "a.conf".into(),
+                            data: b"x=1".to_vec(),
+                            mode: 0o644,
+                        }],
+                    },
+                },
+            ],
             containers: vec![ContainerSpec {
                 name: "main".into(),
                 image: "oci:/img:1".into(),
@@ -26,6 +49,40 @@ fn desired() -> DesiredState {
                     memory_bytes: Some(1 << 20),
                     pids: Some(64),
                 },
+                volume_mounts: vec![VolumeMount {
+                    name: "conf".into(),
+                    mount_path: "/etc/app".into(),
+                    read_only: true,
+                }],
+                liveness_probe: Some(Probe {
+                    action: ProbeAction::Http {
+                        port: 8080,
+                        path: "/healthz".into(),
+                    },
+                    initial_delay_secs: 1,
+                    period_secs: 10,
+                    timeout_secs: 1,
+                    success_threshold: 1,
+                    failure_threshold: 3,
+                }),
+                readiness_probe: Some(Probe {
+                    action: ProbeAction::Tcp { port: 8080 },
+                    initial_delay_secs: 0,
+                    period_secs: 5,
+                    timeout_secs: 1,
+                    success_threshold: 2,
+                    failure_threshold: 1,
+                }),
+                startup_probe: Some(Probe {
+                    action: ProbeAction::Exec {
+                        command: vec!["true".into()],
+                    },
+                    initial_delay_secs: 0,
+                    period_secs: 1,
+                    timeout_secs: 1,
+                    success_threshold: 1,
+                    failure_threshold: 30,
+                }),
             }],
         }],
     }
@@ -48,6 +105,14 @@ fn status() -> NodeStatus {
             }],
             cpus: 4,
             memory_bytes: 1 << 30,
+            boot_id: "b00t".into(),
+        },
+        health: NodeHealth {
+            memory_available_bytes: 1 << 29,
+            disk_free_bytes: 1 << 33,
+            disk_total_bytes: 1 << 34,
+            load_milli: 250,
+            uptime_secs: 3600,
         },
         pods: vec![PodStatus {
             name: "web".into(),
@@ -62,6 +127,8 @@ fn status() -> NodeStatus {
                         started_at_ms: 1_700_000_000_000,
                     },
                     restarts: 1,
+                    ready: true,
+                    pull: None,
                 },
                 ContainerStatus {
                     name: "side".into(),
@@ -72,18 +139,59 @@ fn status() -> NodeStatus {
                         finished_at_ms: 5,
                     },
                     restarts: 0,
+                    ready: false,
+                    pull: None,
                 },
                 ContainerStatus {
                     name: "init".into(),
                     state: ContainerState::Waiting {
-                        reason: "ImageNotFound".into(),
+                        reason: "Pulling".into(),
                         message: Some("x".into()),
+                        retry_at_ms: Some(7),
                     },
                     restarts: 0,
+                    ready: false,
+                    pull: Some(PullProgress {
+                        done_bytes: 10,
+                        total_bytes: 20,
+                    }),
                 },
             ],
         }],
     }
+}
+
+fn rpc() -> (RpcRequest, RpcResponse, RpcResponse) {
+    let request = RpcRequest {
+        id: 42,
+        call: RpcCall::Logs(LogsRequest {
+            pod: "web".into(),
+            container: "main".into(),
+            tail_lines: Some(10),
+            from: Some(LogCursor {
+                file_id: 3,
+                offset: 100,
+            }),
+            max_bytes: 65536,
+        }),
+    };
+    let logs = RpcResponse {
+        id: 42,
+        result: RpcResult::Logs {
+            data: b"hi\n".to_vec(),
+            next: LogCursor {
+                file_id: 3,
+                offset: 103,
+            },
+        },
+    };
+    let error = RpcResponse {
+        id: 43,
+        result: RpcResult::Error {
+            message: "no such pod".into(),
+        },
+    };
+    (request, logs, error)
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -122,16 +230,26 @@ fn golden_bytes() {
     );
     assert_eq!(
         hex(&encode(&desired()).unwrap()),
-        "010470692d31070103776562037765620101046d61696e0a6f63693a2f696d673a3101027368\
-         02022d630474727565010141016201012f01f403018080400140"
+        "010470692d3107010377656203776562011e03046461746100042f73727603746d700104\
+         636f6e66020106612e636f6e6603783d31a40301046d61696e0a6f63693a2f696d673a31\
+         0102736802022d630474727565010141016201012f01f4030180804001400104636f6e66\
+         082f6574632f617070010102903f082f6865616c74687a010a0101030101903f00050102\
+         010100010474727565000101011e"
     );
     assert_eq!(
         hex(&encode(&status()).unwrap()),
         "010470692d31edfd030307000561726d3634056c696e757805302e312e30010473697465\
-         0573686f70310480808080040103776562037765620701000304\
-         6d61696e0180d095ffbc31010473696465029202094f4f4d4b696c6c6564000500\
-         04696e6974000d496d6167654e6f74466f756e6401017800"
+         0573686f70310480808080040462303074808080800280808080208080808040fa01901c\
+         01037765620377656207010003046d61696e0180d095ffbc310101000473696465029202\
+         094f4f4d4b696c6c6564000500000004696e6974000750756c6c696e6701017801070000\
+         010a14"
     );
+    let (request, logs, _) = rpc();
+    assert_eq!(
+        hex(&encode(&request).unwrap()),
+        "012a0003776562046d61696e010a010364808004"
+    );
+    assert_eq!(hex(&encode(&logs).unwrap()), "012a000368690a0367");
 }
 
 #[test]
@@ -188,6 +306,8 @@ proptest! {
         let _ = decode::<DesiredState>(&bytes);
         let _ = decode::<NodeStatus>(&bytes);
         let _ = decode::<Presence>(&bytes);
+        let _ = decode::<RpcRequest>(&bytes);
+        let _ = decode::<RpcResponse>(&bytes);
     }
 
     #[test]

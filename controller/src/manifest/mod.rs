@@ -30,10 +30,12 @@ mod tests;
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 
-use flotilla_proto::{ContainerSpec, PodSpec, RestartPolicy};
+use flotilla_proto::{ContainerSpec, PodSpec, RestartPolicy, Volume};
 
 pub use quantity::{QuantityError, format_cpu, format_memory, parse_cpu, parse_memory};
 
+/// Grace period when the manifest gives none (as Kubernetes).
+pub const DEFAULT_TERMINATION_GRACE_SECS: u32 = 30;
 /// The only `apiVersion` understood.
 pub const API_VERSION: &str = "flotilla.dev/v1";
 /// The only `kind` understood.
@@ -66,6 +68,10 @@ pub struct WorkloadSpec {
     pub node_selector: BTreeMap<String, String>,
     /// What the agent does when a container exits.
     pub restart_policy: RestartPolicy,
+    /// Seconds between SIGTERM and SIGKILL when a container is stopped.
+    pub termination_grace_secs: u32,
+    /// Volumes the containers can mount.
+    pub volumes: Vec<Volume>,
     /// At least one container, names unique; CPU in millis, memory in bytes.
     pub containers: Vec<ContainerSpec>,
 }
@@ -85,6 +91,8 @@ impl Workload {
             name: pod_name.to_owned(),
             workload: self.name.clone(),
             restart_policy: self.spec.restart_policy,
+            termination_grace_secs: self.spec.termination_grace_secs,
+            volumes: self.spec.volumes.clone(),
             containers: self.spec.containers.clone(),
         }
     }

@@ -31,6 +31,10 @@ fn container(name: &str, image: &str) -> ContainerSpec {
         env: vec![],
         working_dir: None,
         resources: Resources::default(),
+        volume_mounts: vec![],
+        liveness_probe: None,
+        readiness_probe: None,
+        startup_probe: None,
     }
 }
 
@@ -41,6 +45,8 @@ fn workload(name: &str, containers: Vec<ContainerSpec>) -> Workload {
         spec: WorkloadSpec {
             node_selector: BTreeMap::new(),
             restart_policy: RestartPolicy::Always,
+            termination_grace_secs: 30,
+            volumes: vec![],
             containers,
         },
     }
@@ -60,6 +66,8 @@ fn full() -> Workload {
         spec: WorkloadSpec {
             node_selector: map(&[("site", "shop12")]),
             restart_policy: RestartPolicy::OnFailure,
+            termination_grace_secs: 30,
+            volumes: vec![],
             containers: vec![
                 ContainerSpec {
                     name: "main".into(),
@@ -82,6 +90,7 @@ fn full() -> Workload {
                         memory_bytes: Some(64 << 20),
                         pids: Some(100),
                     },
+                    ..container("main", "oci:/srv/images/busybox:latest")
                 },
                 ContainerSpec {
                     resources: Resources {
@@ -760,6 +769,8 @@ fn pod_spec_copies_the_containers() {
             name: "web-7f3a".into(),
             workload: "web".into(),
             restart_policy: RestartPolicy::OnFailure,
+            termination_grace_secs: 30,
+            volumes: vec![],
             containers: w.spec.containers.clone(),
         }
     );

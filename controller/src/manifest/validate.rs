@@ -9,7 +9,10 @@ use flotilla_proto::{
 use serde_norway::{Mapping, Value};
 
 use super::quantity::{parse_cpu, parse_memory};
-use super::{API_VERSION, KIND, MAX_IMAGE_BYTES, MAX_WORKING_DIR_BYTES, Workload, WorkloadSpec};
+use super::{
+    API_VERSION, DEFAULT_TERMINATION_GRACE_SECS, KIND, MAX_IMAGE_BYTES, MAX_WORKING_DIR_BYTES,
+    Workload, WorkloadSpec,
+};
 
 /// One problem found in a document: the field's path and what is wrong.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -58,6 +61,8 @@ pub fn workload(doc: &Value, problems: &mut Problems) -> Workload {
         spec: WorkloadSpec {
             node_selector: BTreeMap::new(),
             restart_policy: RestartPolicy::default(),
+            termination_grace_secs: DEFAULT_TERMINATION_GRACE_SECS,
+            volumes: Vec::new(),
             containers: Vec::new(),
         },
     };
@@ -339,6 +344,8 @@ impl Check<'_> {
         WorkloadSpec {
             node_selector,
             restart_policy,
+            termination_grace_secs: DEFAULT_TERMINATION_GRACE_SECS,
+            volumes: Vec::new(),
             containers,
         }
     }
@@ -362,6 +369,10 @@ impl Check<'_> {
             env: Vec::new(),
             working_dir: None,
             resources: Resources::default(),
+            volume_mounts: Vec::new(),
+            liveness_probe: None,
+            readiness_probe: None,
+            startup_probe: None,
         };
         if let Some(name) = self.required_str(path, m, "name") {
             if self.name(&field(path, "name"), name) {

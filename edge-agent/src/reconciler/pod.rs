@@ -72,6 +72,7 @@ impl Slot {
             state: ContainerState::Waiting {
                 reason: "ContainerCreating".to_owned(),
                 message: None,
+                retry_at_ms: None,
             },
             restarts: 0,
             backoff: BACKOFF_MIN,
@@ -279,6 +280,7 @@ impl<R: Runtime, I: Images> PodTask<R, I> {
                 slot.state = ContainerState::Waiting {
                     reason: f.reason.to_owned(),
                     message: Some(f.message),
+                    retry_at_ms: Some(now_ms() + delay.as_millis() as u64),
                 };
                 slot.failed_start = true;
             }
@@ -398,8 +400,20 @@ impl<R: Runtime, I: Images> PodTask<R, I> {
         slot.last_exit = Some(exit.code);
         slot.run = if restart {
             slot.restarting = true;
+            let delay = slot.next_delay();
+            // Shown as Kubernetes shows CrashLoopBackOff: waiting, with why
+            // and when the next start is due.
+            slot.state = ContainerState::Waiting {
+                reason: "BackOff".to_owned(),
+                message: Some(format!(
+                    "exited with code {} ({reason}); restarting in {} s",
+                    exit.code,
+                    delay.as_secs()
+                )),
+                retry_at_ms: Some(now_ms() + delay.as_millis() as u64),
+            };
             Run::Start {
-                at: Instant::now() + slot.next_delay(),
+                at: Instant::now() + delay,
             }
         } else {
             Run::Finished
@@ -488,6 +502,8 @@ impl<R: Runtime, I: Images> PodTask<R, I> {
                     name: s.spec.name.clone(),
                     state: s.state.clone(),
                     restarts: s.restarts,
+                    ready: matches!(s.state, ContainerState::Running { .. }),
+                    pull: None,
                 })
                 .collect(),
         }
@@ -501,6 +517,7 @@ impl<R: Runtime, I: Images> PodTask<R, I> {
             ContainerState::Waiting {
                 reason,
                 message: Some(m),
+                ..
             } => Some(format!("container {}: {reason}: {m}", s.spec.name)),
             _ => None,
         });

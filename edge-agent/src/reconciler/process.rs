@@ -37,31 +37,12 @@ pub fn container_id(pod: &str, spec: &ContainerSpec) -> String {
     format!("{pod}.{}.{hex}", spec.name)
 }
 
-/// The postcard encoding of `spec`. This crate reaches postcard only through
-/// `flotilla_proto::encode`, which takes whole messages: the spec is wrapped
-/// as the only container of an otherwise empty desired state, whose frame is
-/// a fixed prefix followed by exactly the spec's encoding.
+/// The postcard encoding of `spec`: the wire format, so it is stable for
+/// a given protocol version.
 fn spec_bytes(spec: &ContainerSpec) -> Vec<u8> {
-    use flotilla_proto::{DesiredState, PodSpec, RestartPolicy, WIRE_VERSION};
-    // version, node "", generation 0, 1 pod, name "", workload "", Always, 1 container
-    const PREFIX: [u8; 8] = [WIRE_VERSION, 0, 0, 1, 0, 0, 0, 1];
-    let envelope = DesiredState {
-        node: String::new(),
-        generation: 0,
-        pods: vec![PodSpec {
-            name: String::new(),
-            workload: String::new(),
-            restart_policy: RestartPolicy::Always,
-            containers: vec![spec.clone()],
-        }],
-    };
-    match flotilla_proto::encode(&envelope) {
-        Ok(frame) if frame.starts_with(&PREFIX) => frame[PREFIX.len()..].to_vec(),
-        Ok(frame) => frame,
-        // Only a spec larger than any desired state could fail here; it
-        // still needs a stable id.
-        Err(_) => format!("{spec:?}").into_bytes(),
-    }
+    // Serializing a plain struct into a Vec cannot fail; the fallback still
+    // gives a stable id.
+    postcard::to_allocvec(spec).unwrap_or_else(|_| format!("{spec:?}").into_bytes())
 }
 
 /// Splits a runtime id made by [`container_id`] into pod and container
@@ -265,6 +246,10 @@ mod tests {
             env: vec![],
             working_dir: None,
             resources: Resources::default(),
+            volume_mounts: vec![],
+            liveness_probe: None,
+            readiness_probe: None,
+            startup_probe: None,
         };
         let id = container_id("shop", &spec);
         assert_eq!(id, container_id("shop", &spec.clone()));
@@ -281,7 +266,7 @@ mod tests {
         // Pinned (and checked by hashing hand-written postcard bytes): a
         // different hash for the same spec would make an upgraded agent
         // replace every running container.
-        assert_eq!(id, "shop.web.e2b7aa81");
+        assert_eq!(id, "shop.web.a7f96c7c");
 
         for not_ours in [
             "shop.web",
