@@ -142,6 +142,23 @@ pub struct Controller {
     pub mqtt_port: u16,
     api_port: u16,
     external: bool,
+    /// The network namespace it runs in, if not the host's.
+    pub netns: Option<String>,
+    ip: String,
+}
+
+/// A command for `program`, run in network namespace `netns` when given.
+pub fn command_in(netns: Option<&str>, program: &Path) -> Command {
+    match netns {
+        // nsenter switches only the network namespace; `ip netns exec`
+        // would also remount /sys and hide the cgroup hierarchies.
+        Some(ns) => {
+            let mut cmd = Command::new("nsenter");
+            cmd.arg(format!("--net=/run/netns/{ns}")).arg("--").arg(program);
+            cmd
+        }
+        None => Command::new(program),
+    }
 }
 
 impl Controller {
@@ -151,8 +168,20 @@ impl Controller {
 
     /// Starts (or restarts, with the same `dir` and ports) a controller.
     pub fn start_on(dir: &Path, broker: Broker, api_port: u16) -> Controller {
+        Self::start_at(dir, broker, api_port, None, "127.0.0.1")
+    }
+
+    /// Starts a controller in network namespace `netns` (when given), its
+    /// embedded broker listening on `ip`; the API stays on the loopback.
+    pub fn start_at(
+        dir: &Path,
+        broker: Broker,
+        api_port: u16,
+        netns: Option<&str>,
+        ip: &str,
+    ) -> Controller {
         let data_dir = dir.join("controller");
-        let mut cmd = Command::new(bin("flotilla"));
+        let mut cmd = command_in(netns, &bin("flotilla"));
         cmd.arg("serve")
             .arg("--data-dir")
             .arg(&data_dir)
@@ -160,7 +189,7 @@ impl Controller {
             .arg(format!("127.0.0.1:{api_port}"));
         let (mqtt_port, external) = match broker {
             Broker::Embedded(port) => {
-                cmd.arg("--mqtt-listen").arg(format!("127.0.0.1:{port}"));
+                cmd.arg("--mqtt-listen").arg(format!("{ip}:{port}"));
                 (port, false)
             }
             Broker::External(port) => {
@@ -178,6 +207,8 @@ impl Controller {
             mqtt_port,
             api_port,
             external,
+            netns: netns.map(str::to_owned),
+            ip: ip.to_owned(),
         };
         let logs = [c.proc.log.as_path()];
         wait_for(
@@ -197,12 +228,12 @@ impl Controller {
     }
 
     pub fn broker_url(&self) -> String {
-        format!("mqtt://127.0.0.1:{}", self.mqtt_port)
+        format!("mqtt://{}:{}", self.ip, self.mqtt_port)
     }
 
     /// Runs the CLI against this controller.
     pub fn cli(&self, args: &[&str]) -> Output {
-        Command::new(bin("flotilla"))
+        command_in(self.netns.as_deref(), &bin("flotilla"))
             .args(args)
             .env("FLOTILLA_SERVER", &self.api)
             .output()
@@ -259,9 +290,20 @@ pub struct Agent {
 
 impl Agent {
     pub fn start(dir: &Path, node: &str, broker_url: &str, labels: &[&str]) -> Agent {
+        Self::start_in(dir, node, broker_url, labels, None)
+    }
+
+    /// Starts an agent in network namespace `netns` (when given).
+    pub fn start_in(
+        dir: &Path,
+        node: &str,
+        broker_url: &str,
+        labels: &[&str],
+        netns: Option<&str>,
+    ) -> Agent {
         let data_dir = dir.join(format!("agent-{node}"));
         let run_dir = dir.join(format!("run-{node}"));
-        let mut cmd = Command::new(bin("flotilla-agent"));
+        let mut cmd = command_in(netns, &bin("flotilla-agent"));
         cmd.arg("--broker")
             .arg(broker_url)
             .arg("--node")
