@@ -14,29 +14,13 @@ use std::time::{Duration, Instant};
 use common::*;
 use serde_json::Value;
 
-const T: Duration = Duration::from_secs(60);
-
-fn busybox_image(dir: &Path) -> String {
-    let layout = dir.join("busybox-layout");
-    flotilla_testkit::oci::busybox()
-        .write_layout(&layout, "latest")
-        .unwrap();
-    format!("oci:{}:latest", layout.display())
-}
+const T: Duration = Duration::from_secs(90);
 
 fn sleeper(name: &str, image: &str, seconds: u32) -> String {
     format!(
         "apiVersion: flotilla.dev/v1\nkind: Workload\nmetadata: {{name: {name}}}\nspec:\n  containers:\n  \
          - name: main\n    image: {image}\n    command: [sleep, '{seconds}']\n"
     )
-}
-
-struct Cleanup(String);
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        kill_node_containers(&self.0);
-    }
 }
 
 /// Pids in each of `node`'s container memory cgroups, by container id.
@@ -131,15 +115,7 @@ fn a_device_rebooted_offline_runs_its_last_workloads() {
         (pod["phase"] == "Running" && pod["nodeStatus"] == "Ready").then_some(())
     });
     assert_eq!(container_pids(&node).len(), 1, "a duplicate container");
-    assert!(
-        controller
-            .cli(&["delete", "workload", "keep"])
-            .status
-            .success()
-    );
-    wait_for("the cgroups to go", T, &logs, || {
-        container_cgroups(&node).is_empty().then_some(())
-    });
+    controller.delete_and_wait_gone(&["keep"], &node, &logs);
 }
 
 /// A small deterministic generator: the kill points vary, the test repeats.
@@ -231,12 +207,7 @@ fn fifty_sigkills_leave_exactly_the_desired_containers() {
     let desired: flotilla_proto::DesiredState = flotilla_proto::decode(&frame).unwrap();
     assert_eq!(desired.pods.len(), 3);
 
-    for w in ["a", "b", "c"] {
-        assert!(controller.cli(&["delete", "workload", w]).status.success());
-    }
-    wait_for("the cgroups to go", T, &logs, || {
-        container_cgroups(&node).is_empty().then_some(())
-    });
+    controller.delete_and_wait_gone(&["a", "b", "c"], &node, &logs);
 }
 
 /// Two network namespaces joined by a veth pair: the controller's and the
@@ -409,10 +380,5 @@ fn a_link_cut_for_a_minute_restarts_no_healthy_pod() {
     );
     assert_eq!(after["containers"][0]["restarts"], 0);
 
-    for w in ["steady", "late"] {
-        assert!(controller.cli(&["delete", "workload", w]).status.success());
-    }
-    wait_for("the cgroups to go", T, &logs, || {
-        container_cgroups(&node).is_empty().then_some(())
-    });
+    controller.delete_and_wait_gone(&["steady", "late"], &node, &logs);
 }

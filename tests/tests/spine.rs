@@ -13,16 +13,7 @@ use std::time::Duration;
 use common::*;
 use serde_json::Value;
 
-const T: Duration = Duration::from_secs(60);
-
-/// Writes the busybox test image as an OCI layout and returns its reference.
-fn busybox_image(dir: &Path) -> String {
-    let layout = dir.join("busybox-layout");
-    flotilla_testkit::oci::busybox()
-        .write_layout(&layout, "latest")
-        .unwrap();
-    format!("oci:{}:latest", layout.display())
-}
+const T: Duration = Duration::from_secs(90);
 
 fn workload(name: &str, image: &str, selector: &str, script: &str, policy: &str) -> String {
     format!(
@@ -39,15 +30,6 @@ fn container(pod: &Value) -> &Value {
 
 fn logs<'a>(c: &'a Controller, a: &'a Agent) -> [&'a Path; 2] {
     [c.proc.log.as_path(), a.proc.log.as_path()]
-}
-
-/// Kills leftovers even when an assertion failed half-way.
-struct Cleanup(String);
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        kill_node_containers(&self.0);
-    }
 }
 
 #[test]
@@ -355,15 +337,7 @@ fn runs_through_an_external_mosquitto() {
         let pod = controller.pod(&format!("web@{node}"))?;
         (pod["phase"] == "Running").then_some(())
     });
-    assert!(
-        controller
-            .cli(&["delete", "workload", "web"])
-            .status
-            .success()
-    );
-    wait_for("the cgroups to be removed", T, &logs, || {
-        container_cgroups(&node).is_empty().then_some(())
-    });
+    controller.delete_and_wait_gone(&["web"], &node, &logs);
 }
 
 #[test]
@@ -412,13 +386,5 @@ fn controller_restart_republishes_and_restarts_nothing() {
         "the store kept the generation"
     );
 
-    assert!(
-        controller
-            .cli(&["delete", "workload", "web"])
-            .status
-            .success()
-    );
-    wait_for("the cgroups to be removed", T, &logs, || {
-        container_cgroups(&node).is_empty().then_some(())
-    });
+    controller.delete_and_wait_gone(&["web"], &node, &logs);
 }

@@ -154,7 +154,9 @@ pub fn command_in(netns: Option<&str>, program: &Path) -> Command {
         // would also remount /sys and hide the cgroup hierarchies.
         Some(ns) => {
             let mut cmd = Command::new("nsenter");
-            cmd.arg(format!("--net=/run/netns/{ns}")).arg("--").arg(program);
+            cmd.arg(format!("--net=/run/netns/{ns}"))
+                .arg("--")
+                .arg(program);
             cmd
         }
         None => Command::new(program),
@@ -407,5 +409,45 @@ impl Mosquitto {
             },
         );
         Mosquitto { proc, port }
+    }
+}
+
+/// Writes the busybox test image as an OCI layout under `dir` and returns
+/// its reference.
+pub fn busybox_image(dir: &Path) -> String {
+    let layout = dir.join("busybox-layout");
+    flotilla_testkit::oci::busybox()
+        .write_layout(&layout, "latest")
+        .unwrap();
+    format!("oci:{}:latest", layout.display())
+}
+
+/// Kills a node's leftover containers when dropped, even when an assertion
+/// failed half-way.
+pub struct Cleanup(pub String);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        kill_node_containers(&self.0);
+    }
+}
+
+impl Controller {
+    /// Deletes `workloads` and waits until `node` holds no container cgroup.
+    pub fn delete_and_wait_gone(&self, workloads: &[&str], node: &str, logs: &[&Path]) {
+        for w in workloads {
+            let out = self.cli(&["delete", "workload", w]);
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        wait_for(
+            "the containers and their cgroups to be removed",
+            Duration::from_secs(60),
+            logs,
+            || container_cgroups(node).is_empty().then_some(()),
+        );
     }
 }
