@@ -13,6 +13,9 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
 use crate::manifest::{self, Workload};
 
+/// Page cache of the store file.
+const CACHE_BYTES: usize = 16 * 1024 * 1024;
+
 /// Workload name → canonical manifest as JSON text.
 const WORKLOADS: TableDefinition<&str, &str> = TableDefinition::new("workloads");
 /// Node name → last published `DesiredState` frame.
@@ -96,7 +99,13 @@ pub struct Store {
 impl Store {
     /// Opens (or creates) the store file at `path`.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
-        let db = Database::create(path).map_err(|source| StoreError::Open {
+        // redb's default page cache is 1 GiB; the controller's working set
+        // lives in memory already, so a small cache is enough (and keeps the
+        // memory per node down on large fleets).
+        let db = redb::Builder::new()
+            .set_cache_size(CACHE_BYTES)
+            .create(path)
+            .map_err(|source| StoreError::Open {
             path: path.display().to_string(),
             source,
         })?;
