@@ -7,30 +7,55 @@
 //! | `GET /v1/workloads[/{name}]` | workloads |
 //! | `DELETE /v1/workloads/{name}` | delete a workload |
 //! | `GET /v1/pods[/{name}]` | pods (`{workload}@{node}`) |
+//! | `GET /v1/pods/{name}/logs?container=&tail=&cursor=` | a piece of a container's log, fetched from its node |
 //! | `GET /healthz` | liveness |
 //!
 //! Errors are `{"error": "…"}` with a 4xx/5xx status; a refused manifest also
 //! lists every problem under `errors`.
 
+use std::collections::HashMap;
 use std::future::Future;
+use std::time::Duration;
 
 use axum::Router;
-use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::extract::{DefaultBodyLimit, FromRef, Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use flotilla_proto::{LogCursor, LogsRequest, RpcCall, RpcResult};
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 
 use crate::control::{Cluster, ControlError, ControlHandle};
+use crate::fleet::Readiness;
 use crate::manifest;
+use crate::mqtt::MqttHandle;
+use crate::rpc::RpcError;
 use crate::view;
 
 /// Largest request body accepted (a manifest file).
 const MAX_BODY: usize = 1024 * 1024;
+/// How long an agent gets to answer a logs request.
+const LOGS_TIMEOUT: Duration = Duration::from_secs(10);
+/// Bytes asked of the agent per logs request (it sends at most 192 KiB).
+pub const LOG_CHUNK: u32 = 128 * 1024;
 
-/// The router over a control loop handle.
-pub fn router(control: ControlHandle) -> Router {
+/// What the handlers share.
+#[derive(Clone)]
+struct ApiState {
+    control: ControlHandle,
+    mqtt: MqttHandle,
+}
+
+impl FromRef<ApiState> for ControlHandle {
+    fn from_ref(state: &ApiState) -> Self {
+        state.control.clone()
+    }
+}
+
+/// The router over a control loop handle and the MQTT session (for
+/// requests to agents).
+pub fn router(control: ControlHandle, mqtt: MqttHandle) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/v1/apply", post(apply))
@@ -43,17 +68,19 @@ pub fn router(control: ControlHandle) -> Router {
         )
         .route("/v1/pods", get(list_pods))
         .route("/v1/pods/{name}", get(get_pod))
+        .route("/v1/pods/{name}/logs", get(pod_logs))
         .layer(DefaultBodyLimit::max(MAX_BODY))
-        .with_state(control)
+        .with_state(ApiState { control, mqtt })
 }
 
 /// Serves the API on `listener` until `shutdown` resolves.
 pub async fn serve(
     listener: TcpListener,
     control: ControlHandle,
+    mqtt: MqttHandle,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(control))
+    axum::serve(listener, router(control, mqtt))
         .with_graceful_shutdown(shutdown)
         .await
 }
@@ -76,6 +103,10 @@ impl From<ControlError> for ApiError {
         };
         ApiError(status, json!({ "error": e.to_string() }))
     }
+}
+
+fn error(status: StatusCode, message: impl Into<String>) -> ApiError {
+    ApiError(status, json!({ "error": message.into() }))
 }
 
 fn not_found(kind: &str, name: &str) -> ApiError {
@@ -162,4 +193,205 @@ async fn list_pods(State(control): State<ControlHandle>) -> ApiResult {
 
 async fn get_pod(State(control): State<ControlHandle>, Path(name): Path<String>) -> ApiResult {
     read_one(&control, "pod", name, view::pod).await
+}
+
+/// Where a pod's logs are: its node, its name there, its containers.
+struct LogTarget {
+    node: String,
+    pod: String,
+    containers: Vec<String>,
+    readiness: Readiness,
+    last_seen_ms: u64,
+}
+
+/// The pod `{workload}@{node}`, desired there or still reported by it.
+fn log_target(c: &Cluster, name: &str) -> Option<LogTarget> {
+    let (workload, node_name) = name.rsplit_once('@')?;
+    let node = c.fleet.get(node_name)?;
+    let desired = c
+        .desired
+        .get(node_name)
+        .and_then(|d| d.pods.iter().find(|p| p.workload == workload))
+        .map(|p| {
+            let names = p.containers.iter().map(|c| c.name.clone()).collect();
+            (p.name.clone(), names)
+        });
+    let reported = || {
+        node.status
+            .as_ref()?
+            .pods
+            .iter()
+            .find(|p| p.workload == workload)
+            .map(|p| {
+                let names = p.containers.iter().map(|c| c.name.clone()).collect();
+                (p.name.clone(), names)
+            })
+    };
+    let (pod, containers) = desired.or_else(reported)?;
+    Some(LogTarget {
+        node: node_name.to_owned(),
+        pod,
+        containers,
+        readiness: node.readiness,
+        last_seen_ms: node.last_seen_ms,
+    })
+}
+
+/// `{file_id}-{offset}`, as the API shows a cursor.
+fn cursor_text(c: LogCursor) -> String {
+    format!("{}-{}", c.file_id, c.offset)
+}
+
+fn parse_cursor(text: &str) -> Option<LogCursor> {
+    let (file_id, offset) = text.split_once('-')?;
+    Some(LogCursor {
+        file_id: file_id.parse().ok()?,
+        offset: offset.parse().ok()?,
+    })
+}
+
+/// How many bytes at the end of `data` are the start of a character whose
+/// other bytes are in the next piece (at most 3).
+fn incomplete_tail(data: &[u8]) -> usize {
+    match std::str::from_utf8(data) {
+        Err(e) if e.error_len().is_none() => data.len() - e.valid_up_to(),
+        _ => 0,
+    }
+}
+
+async fn pod_logs(
+    State(state): State<ApiState>,
+    Path(name): Path<String>,
+    Query(query): Query<HashMap<String, String>>,
+) -> ApiResult {
+    for key in query.keys() {
+        if !matches!(key.as_str(), "container" | "tail" | "cursor") {
+            return Err(error(
+                StatusCode::BAD_REQUEST,
+                format!("unknown query parameter {key:?} (expected container, tail or cursor)"),
+            ));
+        }
+    }
+    let tail_lines = match query.get("tail") {
+        None => None,
+        Some(t) => Some(t.parse::<u32>().map_err(|_| {
+            error(
+                StatusCode::BAD_REQUEST,
+                format!("tail {t:?}: expected a number of lines"),
+            )
+        })?),
+    };
+    let from = match query.get("cursor") {
+        None => None,
+        Some(c) => Some(parse_cursor(c).ok_or_else(|| {
+            error(
+                StatusCode::BAD_REQUEST,
+                format!("cursor {c:?}: expected the cursor of an earlier answer"),
+            )
+        })?),
+    };
+    let key = name.clone();
+    let target = state
+        .control
+        .read(move |c| log_target(c, &key))
+        .await?
+        .ok_or_else(|| not_found("pod", &name))?;
+    let container = match (query.get("container"), target.containers.as_slice()) {
+        (Some(c), names) if names.contains(c) => c.clone(),
+        (Some(c), names) => {
+            return Err(error(
+                StatusCode::NOT_FOUND,
+                format!(
+                    "container {c:?} not found in pod {name} (its containers: {})",
+                    names.join(", ")
+                ),
+            ));
+        }
+        (None, [only]) => only.clone(),
+        (None, names) => {
+            return Err(error(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "pod {name} has {} containers ({}): choose one with -c",
+                    names.len(),
+                    names.join(", ")
+                ),
+            ));
+        }
+    };
+    if target.readiness == Readiness::NotReady {
+        let seen = match target.last_seen_ms {
+            0 => "never seen".to_owned(),
+            ms => format!("last seen {} ago", crate::output::age(ms)),
+        };
+        return Err(error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("node {} is offline ({seen})", target.node),
+        ));
+    }
+    let call = RpcCall::Logs(LogsRequest {
+        pod: target.pod.clone(),
+        container: container.clone(),
+        tail_lines,
+        from,
+        max_bytes: LOG_CHUNK,
+    });
+    let result = state
+        .mqtt
+        .request(&target.node, call, LOGS_TIMEOUT)
+        .await
+        .map_err(|e| {
+            let status = match e {
+                RpcError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+                RpcError::Busy { .. } => StatusCode::SERVICE_UNAVAILABLE,
+                RpcError::Encode { .. } | RpcError::Send { .. } => StatusCode::BAD_GATEWAY,
+            };
+            error(status, e.to_string())
+        })?;
+    let (mut data, mut next) = match result {
+        RpcResult::Logs { data, next } => (data, next),
+        RpcResult::Error { message } => {
+            return Err(error(
+                StatusCode::BAD_GATEWAY,
+                format!("node {}: {message}", target.node),
+            ));
+        }
+    };
+    let more = data.len() >= LOG_CHUNK as usize;
+    // A character cut by the chunk's end is sent whole with the next piece.
+    let cut = incomplete_tail(&data);
+    if cut > 0 && cut < data.len() && next.offset >= cut as u64 {
+        data.truncate(data.len() - cut);
+        next.offset -= cut as u64;
+    }
+    Ok(axum::Json(json!({
+        "pod": name,
+        "node": target.node,
+        "container": container,
+        "data": String::from_utf8_lossy(&data),
+        "cursor": cursor_text(next),
+        "more": more,
+    })))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cursors_and_characters_cut_in_two() {
+        let c = LogCursor {
+            file_id: 7 << 32 | 2,
+            offset: 99,
+        };
+        assert_eq!(parse_cursor(&cursor_text(c)), Some(c));
+        assert_eq!(parse_cursor("1"), None);
+        assert_eq!(parse_cursor("a-1"), None);
+        assert_eq!(parse_cursor("1--1"), None);
+        let e = "é".as_bytes();
+        assert_eq!(incomplete_tail(b"abc"), 0);
+        assert_eq!(incomplete_tail(&[b'a', e[0]]), 1);
+        assert_eq!(incomplete_tail(&[b'a', 0xe2, 0x82]), 2);
+        assert_eq!(incomplete_tail(&[b'a', 0xff]), 0, "invalid, not cut");
+    }
 }

@@ -1,7 +1,8 @@
 //! The kubectl-shaped CLI: a thin client of the HTTP API. Every command is
-//! one request; what it prints is computed from the JSON the API returns.
+//! one request (`logs` one per piece); what it prints is computed from the
+//! JSON the API returns.
 
-use std::io::Read;
+use std::io::{Read, Write};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -176,4 +177,90 @@ pub fn delete(client: &Client, kind: Kind, name: &str) -> anyhow::Result<()> {
     client.call("DELETE", &format!("/v1/{}/{name}", kind.path()), None)?;
     println!("{}/{name} deleted", kind.singular());
     Ok(())
+}
+
+/// How often `logs -f` asks for new output.
+const FOLLOW_EVERY: Duration = Duration::from_secs(1);
+
+/// What `flotilla logs` asks for.
+#[derive(Debug, Clone, Default)]
+pub struct LogsOptions {
+    /// The container (default: the pod's only one).
+    pub container: Option<String>,
+    /// Start this many lines before the end (default: the whole log kept).
+    pub tail: Option<u32>,
+    /// Keep printing new output.
+    pub follow: bool,
+}
+
+/// `flotilla logs POD [-c CONTAINER] [--tail N] [-f]`: fetches the log in
+/// pieces, each continuing at the cursor of the one before; `-f` then asks
+/// again every second.
+pub fn logs(client: &Client, pod: &str, options: &LogsOptions) -> anyhow::Result<()> {
+    let mut cursor: Option<String> = None;
+    let stdout = std::io::stdout();
+    loop {
+        let mut query = Vec::new();
+        if let Some(c) = &options.container {
+            query.push(format!("container={}", escape(c)));
+        }
+        match &cursor {
+            Some(c) => query.push(format!("cursor={}", escape(c))),
+            None => {
+                if let Some(n) = options.tail {
+                    query.push(format!("tail={n}"));
+                }
+            }
+        }
+        let mut path = format!("/v1/pods/{}/logs", escape(pod));
+        if !query.is_empty() {
+            path.push('?');
+            path.push_str(&query.join("&"));
+        }
+        let answer = client.call("GET", &path, None)?;
+        let data = answer["data"].as_str().unwrap_or_default();
+        {
+            let mut out = stdout.lock();
+            out.write_all(data.as_bytes())
+                .and_then(|()| out.flush())
+                .context("writing to standard output")?;
+        }
+        let next = answer["cursor"]
+            .as_str()
+            .context("the server's answer has no cursor")?;
+        cursor = Some(next.to_owned());
+        if answer["more"] == true {
+            continue;
+        }
+        if !options.follow {
+            return Ok(());
+        }
+        std::thread::sleep(FOLLOW_EVERY);
+    }
+}
+
+/// Percent-encodes all but unreserved characters (and `@`, which pod names
+/// hold), so a name cannot change the path or the query.
+fn escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~@".contains(&b) {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escapes_what_could_change_the_url() {
+        assert_eq!(escape("web@pi-1"), "web@pi-1");
+        assert_eq!(escape("a/b?c=d&e f"), "a%2Fb%3Fc%3Dd%26e%20f");
+        assert_eq!(escape("é"), "%C3%A9");
+    }
 }

@@ -208,13 +208,16 @@ struct ControlLoop {
     mqtt: MqttHandle,
     /// Statuses and last-seen times not yet written to the store.
     dirty: BTreeSet<String>,
+    /// A Ready node not heard from for this long is marked NotReady.
+    node_timeout: Duration,
 }
 
 /// Loads the store and returns the handle and the loop to run.
 pub fn start(
     store: Arc<Store>,
     mqtt: MqttHandle,
-    incoming: mpsc::Receiver<Incoming>,
+    incoming: mpsc::UnboundedReceiver<Incoming>,
+    node_timeout: Duration,
     shutdown: CancellationToken,
 ) -> Result<(ControlHandle, impl std::future::Future<Output = ()>), StoreError> {
     let cluster = Cluster::from_snapshot(store.load()?);
@@ -229,6 +232,7 @@ pub fn start(
         store,
         mqtt,
         dirty: BTreeSet::new(),
+        node_timeout,
     };
     Ok((ControlHandle { tx }, control.run(rx, incoming, shutdown)))
 }
@@ -237,7 +241,7 @@ impl ControlLoop {
     async fn run(
         mut self,
         mut commands: mpsc::Receiver<Command>,
-        mut incoming: mpsc::Receiver<Incoming>,
+        mut incoming: mpsc::UnboundedReceiver<Incoming>,
         shutdown: CancellationToken,
     ) {
         let mut flush = tokio::time::interval(FLUSH_EVERY);
@@ -247,7 +251,12 @@ impl ControlLoop {
                 () = shutdown.cancelled() => break,
                 Some(cmd) = commands.recv() => self.command(cmd).await,
                 Some(msg) = incoming.recv() => self.incoming(msg).await,
-                _ = flush.tick() => self.flush().await,
+                _ = flush.tick() => {
+                    for node in self.cluster.fleet.expire(now_ms(), self.node_timeout) {
+                        tracing::warn!(%node, timeout = ?self.node_timeout, "nothing heard from node: NotReady");
+                    }
+                    self.flush().await
+                }
             }
         }
         self.flush().await;

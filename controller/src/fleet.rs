@@ -1,5 +1,12 @@
 //! The fleet as the controller knows it: one record per node, fed by the
-//! nodes' presence and status messages, with the rules for which message wins.
+//! nodes' presence and status messages, with the rules for which message wins
+//! and for when a node counts as gone.
+//!
+//! A node is NotReady when its presence says `Offline`: its own clean
+//! goodbye, or its last will, which the broker publishes when the link
+//! closes or when keepalives stop (1.5 keepalive intervals). As a safety net
+//! for a will that never comes (a broker that lost the session), a node not
+//! heard from for the node timeout is NotReady too, until it speaks again.
 
 use std::collections::BTreeMap;
 
@@ -36,6 +43,8 @@ pub struct Node {
     pub status: Option<NodeStatus>,
     /// Last time it was heard from (ms since the epoch, controller clock).
     pub last_seen_ms: u64,
+    /// NotReady because nothing was heard for too long, not because it said so.
+    expired: bool,
 }
 
 impl Node {
@@ -44,7 +53,14 @@ impl Node {
             readiness: Readiness::Unknown,
             status: None,
             last_seen_ms: 0,
+            expired: false,
         }
+    }
+
+    /// NotReady because nothing was heard from it for the node timeout
+    /// (rather than because it disconnected).
+    pub fn expired(&self) -> bool {
+        self.expired
     }
 
     /// The labels its agent reported, as a map.
@@ -115,6 +131,12 @@ impl Fleet {
             .is_none_or(|old| old.info.labels != status.info.labels);
         node.status = Some(status);
         node.last_seen_ms = now_ms;
+        // Speaking is being connected; an explicit Offline stands, though
+        // (its retained status is replayed after it on every reconnect).
+        if node.expired {
+            node.expired = false;
+            node.readiness = Readiness::Ready;
+        }
         if relabelled {
             StatusOutcome::Relabelled
         } else {
@@ -129,7 +151,25 @@ impl Fleet {
             Presence::Online { .. } => Readiness::Ready,
             Presence::Offline => Readiness::NotReady,
         };
+        node.expired = false;
         node.last_seen_ms = now_ms;
+    }
+
+    /// Marks NotReady every Ready node not heard from for `timeout`; returns
+    /// their names.
+    pub fn expire(&mut self, now_ms: u64, timeout: std::time::Duration) -> Vec<String> {
+        let timeout_ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
+        let mut out = Vec::new();
+        for (name, node) in &mut self.nodes {
+            if node.readiness == Readiness::Ready
+                && now_ms.saturating_sub(node.last_seen_ms) > timeout_ms
+            {
+                node.readiness = Readiness::NotReady;
+                node.expired = true;
+                out.push(name.clone());
+            }
+        }
+        out
     }
 }
 
@@ -187,5 +227,37 @@ mod tests {
         assert_eq!(node.readiness, Readiness::Unknown);
         fleet.ingest_presence("pi-1", &Presence::Offline, 14);
         assert_eq!(fleet.get("pi-1").unwrap().readiness, Readiness::NotReady);
+    }
+
+    #[test]
+    fn silence_makes_a_node_not_ready_until_it_speaks() {
+        use std::time::Duration;
+        let online = Presence::Online {
+            instance: 1,
+            agent_version: "0".into(),
+        };
+        let mut fleet = Fleet::default();
+        fleet.ingest_presence("pi-1", &online, 1_000);
+        fleet.ingest_status(status(1, 1, "a"), 1_000);
+        let timeout = Duration::from_secs(60);
+        assert!(fleet.expire(61_000, timeout).is_empty(), "not yet");
+        assert_eq!(fleet.expire(61_001, timeout), ["pi-1"]);
+        let node = fleet.get("pi-1").unwrap();
+        assert_eq!(
+            (node.readiness, node.expired()),
+            (Readiness::NotReady, true)
+        );
+        assert!(fleet.expire(90_000, timeout).is_empty(), "once");
+        // A status brings it back.
+        fleet.ingest_status(status(1, 2, "a"), 90_000);
+        assert_eq!(fleet.get("pi-1").unwrap().readiness, Readiness::Ready);
+        // After an Offline presence a (replayed) status does not.
+        fleet.ingest_presence("pi-1", &Presence::Offline, 91_000);
+        fleet.ingest_status(status(1, 3, "a"), 92_000);
+        let node = fleet.get("pi-1").unwrap();
+        assert_eq!(
+            (node.readiness, node.expired()),
+            (Readiness::NotReady, false)
+        );
     }
 }

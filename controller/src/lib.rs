@@ -9,6 +9,7 @@ pub mod fleet;
 pub mod manifest;
 pub mod mqtt;
 pub mod output;
+pub mod rpc;
 pub mod serve;
 pub mod store;
 pub mod up;

@@ -1,12 +1,13 @@
 //! `flotilla`: the controller (`serve`, `up`) and its CLI (`apply`, `get`,
-//! `describe`, `delete`). This file only parses arguments and picks the exit code.
+//! `describe`, `delete`, `logs`). This file only parses arguments and picks the exit code.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use flotilla_controller::cli::{self, Client, Kind};
+use flotilla_controller::cli::{self, Client, Kind, LogsOptions};
 use flotilla_controller::output::Format;
 use flotilla_controller::serve::{self, BrokerChoice, ServeConfig};
 use flotilla_controller::up::{self, UpConfig};
@@ -77,6 +78,22 @@ enum Command {
         #[command(flatten)]
         server: ServerArg,
     },
+    /// Print a container's log, fetched from its node.
+    Logs {
+        /// The pod (WORKLOAD@NODE).
+        pod: String,
+        /// The container (default: the pod's only one).
+        #[arg(short = 'c', long)]
+        container: Option<String>,
+        /// Start this many lines before the end (default: all that is kept).
+        #[arg(long)]
+        tail: Option<u32>,
+        /// Keep printing new output.
+        #[arg(short = 'f', long)]
+        follow: bool,
+        #[command(flatten)]
+        server: ServerArg,
+    },
 }
 
 #[derive(Args, Clone)]
@@ -108,6 +125,35 @@ struct ServeArgs {
     /// MQTT topic root.
     #[arg(long, env = "FLOTILLA_TOPIC_PREFIX", default_value = flotilla_proto::DEFAULT_PREFIX)]
     topic_prefix: String,
+    /// A node not heard from for this long is NotReady even without its last
+    /// will (`90s`, `75m`, `2h`); keep it above the agents' --resync (30m).
+    #[arg(long, env = "FLOTILLA_NODE_TIMEOUT", default_value = "75m", value_parser = parse_duration)]
+    node_timeout: Duration,
+}
+
+/// Parses `500ms`, `30s`, `5m`, `1h`, or a bare number of seconds; not zero.
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("duration {s:?}: expected a number with ms, s, m or h"))?;
+    let d = match unit {
+        "ms" => Some(Duration::from_millis(n)),
+        "" | "s" => Some(Duration::from_secs(n)),
+        "m" => n.checked_mul(60).map(Duration::from_secs),
+        "h" => n.checked_mul(3600).map(Duration::from_secs),
+        _ => {
+            return Err(format!(
+                "duration {s:?}: unknown unit {unit:?}, expected ms, s, m or h"
+            ));
+        }
+    };
+    match d {
+        Some(d) if !d.is_zero() => Ok(d),
+        Some(_) => Err(format!("duration {s:?}: must be longer than zero")),
+        None => Err(format!("duration {s:?}: too long")),
+    }
 }
 
 impl ServeArgs {
@@ -126,6 +172,7 @@ impl ServeArgs {
             api_listen: self.api_listen,
             broker,
             topics: Topics::new(&self.topic_prefix),
+            node_timeout: self.node_timeout,
         })
     }
 }
@@ -192,6 +239,21 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Delete { kind, name, server } => {
             cli::delete(&Client::new(&server.server), Kind::parse(&kind)?, &name)
         }
+        Command::Logs {
+            pod,
+            container,
+            tail,
+            follow,
+            server,
+        } => cli::logs(
+            &Client::new(&server.server),
+            &pod,
+            &LogsOptions {
+                container,
+                tail,
+                follow,
+            },
+        ),
     }
 }
 

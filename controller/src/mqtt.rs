@@ -1,14 +1,19 @@
 //! The controller's MQTT session — the only module that touches rumqttc.
 //! It subscribes to every node's status and presence, hands what arrives to
-//! the control loop as raw frames, and publishes desired state retained.
+//! the control loop as raw frames, and publishes desired state retained. It
+//! also carries requests to agents (`rpc/req`, QoS 1, not retained) and
+//! hands their responses (`…/node/+/rpc/res`) straight to the pending
+//! requests of [`Rpc`], not through the control loop.
 
 use std::time::Duration;
 
-use flotilla_proto::{TopicKind, Topics};
+use flotilla_proto::{RpcCall, RpcResult, TopicKind, Topics};
 use rand::Rng;
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+
+use crate::rpc::{Rpc, RpcError};
 
 /// Largest MQTT packet accepted or sent (a desired state is at most 1 MiB).
 const MAX_PACKET: usize = 2 * 1024 * 1024;
@@ -52,6 +57,7 @@ pub enum MqttError {
 pub struct MqttHandle {
     client: AsyncClient,
     topics: Topics,
+    rpc: Rpc,
 }
 
 impl MqttHandle {
@@ -63,13 +69,30 @@ impl MqttHandle {
             .await?;
         Ok(())
     }
+
+    /// Asks `node`'s agent `call` and waits at most `timeout` for its answer.
+    pub async fn request(
+        &self,
+        node: &str,
+        call: RpcCall,
+        timeout: Duration,
+    ) -> Result<RpcResult, RpcError> {
+        let topic = self.topics.node(node, TopicKind::RpcRequest);
+        self.rpc
+            .call(node, call, timeout, async |frame: Vec<u8>| {
+                self.client
+                    .publish(topic, QoS::AtLeastOnce, false, frame)
+                    .await
+            })
+            .await
+    }
 }
 
 /// Starts the session: returns the publish handle, and a task that runs the
 /// event loop until `shutdown`, feeding `incoming`.
 pub fn start(
     config: MqttConfig,
-    incoming: mpsc::Sender<Incoming>,
+    incoming: mpsc::UnboundedSender<Incoming>,
     shutdown: CancellationToken,
 ) -> (MqttHandle, impl std::future::Future<Output = ()>) {
     let mut options = MqttOptions::new(config.client_id.clone(), config.host.clone(), config.port);
@@ -86,13 +109,15 @@ pub fn start(
     network.set_connection_timeout(5);
     eventloop.set_network_options(network);
 
+    let rpc = Rpc::new();
     let handle = MqttHandle {
         client: client.clone(),
         topics: config.topics.clone(),
+        rpc: rpc.clone(),
     };
     let task = async move {
         tokio::select! {
-            () = run(&config, &client, &mut eventloop, &incoming) => {}
+            () = run(&config, &client, &mut eventloop, &incoming, &rpc) => {}
             () = shutdown.cancelled() => {
                 let _ = tokio::time::timeout(Duration::from_secs(1), async {
                     let _ = client.disconnect().await;
@@ -110,7 +135,8 @@ async fn run(
     config: &MqttConfig,
     client: &AsyncClient,
     eventloop: &mut EventLoop,
-    incoming: &mpsc::Sender<Incoming>,
+    incoming: &mpsc::UnboundedSender<Incoming>,
+    rpc: &Rpc,
 ) {
     let mut failures = 0u32;
     loop {
@@ -118,7 +144,11 @@ async fn run(
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
                 failures = 0;
                 tracing::info!(broker = %format!("{}:{}", config.host, config.port), "connected to broker");
-                for kind in [TopicKind::Presence, TopicKind::Status] {
+                for kind in [
+                    TopicKind::Presence,
+                    TopicKind::Status,
+                    TopicKind::RpcResponse,
+                ] {
                     if let Err(e) = client
                         .subscribe(config.topics.all_nodes(kind), QoS::AtLeastOnce)
                         .await
@@ -126,7 +156,7 @@ async fn run(
                         tracing::error!("subscribing: {e}");
                     }
                 }
-                if incoming.send(Incoming::Connected).await.is_err() {
+                if incoming.send(Incoming::Connected).is_err() {
                     return;
                 }
             }
@@ -140,9 +170,13 @@ async fn run(
                 let msg = match kind {
                     TopicKind::Status => Incoming::Status { node, frame },
                     TopicKind::Presence => Incoming::Presence { node, frame },
+                    TopicKind::RpcResponse => {
+                        rpc.deliver(&node, &frame);
+                        continue;
+                    }
                     _ => continue,
                 };
-                if incoming.send(msg).await.is_err() {
+                if incoming.send(msg).is_err() {
                     return;
                 }
             }

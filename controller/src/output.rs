@@ -79,7 +79,11 @@ pub fn age(ms: u64) -> String {
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64);
-    let secs = now.saturating_sub(ms) / 1000;
+    duration(now.saturating_sub(ms) / 1000)
+}
+
+/// `45s`, `12m`, `5h`, `3d`.
+fn duration(secs: u64) -> String {
     match secs {
         0..=119 => format!("{secs}s"),
         120..=7199 => format!("{}m", secs / 60),
@@ -110,6 +114,19 @@ fn bytes(v: &Value) -> String {
     }
 }
 
+fn load(v: &Value) -> String {
+    v.as_f64()
+        .map_or_else(|| "<unknown>".into(), |l| format!("{l:.2}"))
+}
+
+/// The first block of a boot id: enough to tell reboots apart in a table.
+fn short_id(v: &Value) -> String {
+    match v.as_str() {
+        Some(id) => id.split('-').next().unwrap_or(id).to_owned(),
+        None => "<unknown>".into(),
+    }
+}
+
 /// `get nodes`.
 pub fn nodes_table(items: &[Value], wide: bool) -> String {
     let mut header = vec![
@@ -122,7 +139,15 @@ pub fn nodes_table(items: &[Value], wide: bool) -> String {
         "LAST-SEEN",
     ];
     if wide {
-        header.extend(["CPUS", "MEMORY", "LABELS"]);
+        header.extend([
+            "CPUS",
+            "MEMORY",
+            "MEM-AVAIL",
+            "DISK-FREE",
+            "LOAD",
+            "BOOT-ID",
+            "LABELS",
+        ]);
     }
     let rows = items
         .iter()
@@ -145,9 +170,14 @@ pub fn nodes_table(items: &[Value], wide: bool) -> String {
                 age(n["lastSeenMs"].as_u64().unwrap_or(0)),
             ];
             if wide {
+                let health = &n["health"];
                 row.extend([
                     s(&n["cpus"]),
                     bytes(&n["memoryBytes"]),
+                    bytes(&health["memoryAvailableBytes"]),
+                    bytes(&health["diskFreeBytes"]),
+                    load(&health["load"]),
+                    short_id(&n["bootId"]),
                     labels(&n["labels"]),
                 ]);
             }
@@ -287,7 +317,14 @@ pub fn describe_pod(p: &Value) -> String {
 pub fn describe_node(n: &Value) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "Name:          {}", s(&n["name"]));
-    let _ = writeln!(out, "Status:        {}", s(&n["status"]));
+    match n["statusReason"].as_str() {
+        Some(reason) => {
+            let _ = writeln!(out, "Status:        {} ({reason})", s(&n["status"]));
+        }
+        None => {
+            let _ = writeln!(out, "Status:        {}", s(&n["status"]));
+        }
+    }
     let _ = writeln!(out, "Labels:        {}", labels(&n["labels"]));
     let _ = writeln!(out, "Architecture:  {}/{}", s(&n["os"]), s(&n["arch"]));
     let _ = writeln!(out, "Agent:         {}", s(&n["agentVersion"]));
@@ -297,6 +334,21 @@ pub fn describe_node(n: &Value) -> String {
         s(&n["cpus"]),
         bytes(&n["memoryBytes"])
     );
+    let health = &n["health"];
+    if health.is_null() {
+        let _ = writeln!(out, "Health:        <not reported>");
+    } else {
+        let _ = writeln!(
+            out,
+            "Health:        {} memory available, {} of {} disk free, load {}, up {}",
+            bytes(&health["memoryAvailableBytes"]),
+            bytes(&health["diskFreeBytes"]),
+            bytes(&health["diskTotalBytes"]),
+            load(&health["load"]),
+            duration(health["uptimeSecs"].as_u64().unwrap_or(0)),
+        );
+    }
+    let _ = writeln!(out, "Boot id:       {}", s(&n["bootId"]));
     let _ = writeln!(
         out,
         "Last seen:     {} ago",
@@ -360,6 +412,39 @@ mod tests {
              web@pi-1         pi-1          Running   1/1     0\n\
              db@shop-server   shop-server   Pending   0/1     12\n"
         );
+    }
+
+    #[test]
+    fn nodes_wide_and_described_show_health() {
+        let n = json!({"name": "pi-1", "status": "Ready", "arch": "arm64", "agentVersion": "0.1.0",
+            "podCount": 1, "observedGeneration": 2, "desiredGeneration": 2, "lastSeenMs": 0,
+            "cpus": 4, "memoryBytes": 4u64 << 30, "bootId": "0c6a2b1e-5f1d-4c1e-9d5e-0123456789ab",
+            "labels": {"site": "a"},
+            "health": {"memoryAvailableBytes": 3u64 << 30, "diskFreeBytes": 512u64 << 20,
+                       "diskTotalBytes": 8u64 << 30, "load": 0.52, "uptimeSecs": 90000}});
+        let table = nodes_table(std::slice::from_ref(&n), true);
+        let row = table.lines().nth(1).unwrap();
+        for cell in ["4.0Gi", "3.0Gi", "512Mi", "0.52", "0c6a2b1e", "site=a"] {
+            assert!(row.contains(cell), "{cell} missing in {row}");
+        }
+        let text = describe_node(&n);
+        assert!(
+            text.contains(
+                "Health:        3.0Gi memory available, 512Mi of 8.0Gi disk free, load 0.52, up 25h"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("Boot id:       0c6a2b1e-5f1d-4c1e-9d5e-0123456789ab"));
+        let mut gone = n.clone();
+        gone["status"] = "NotReady".into();
+        gone["statusReason"] = "NoContact".into();
+        gone["health"] = Value::Null;
+        let text = describe_node(&gone);
+        assert!(
+            text.contains("Status:        NotReady (NoContact)"),
+            "{text}"
+        );
+        assert!(text.contains("Health:        <not reported>"), "{text}");
     }
 
     #[test]

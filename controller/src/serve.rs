@@ -37,6 +37,8 @@ pub struct ServeConfig {
     pub broker: BrokerChoice,
     /// Topic names.
     pub topics: Topics,
+    /// A node not heard from for this long is marked NotReady.
+    pub node_timeout: Duration,
 }
 
 /// Parses `mqtt://host:port` (port defaults to 1883).
@@ -115,7 +117,11 @@ async fn run_services(
     let tracker = TaskTracker::new();
     let stop = shutdown.child_token();
 
-    let (incoming_tx, incoming_rx) = mpsc::channel(4096);
+    // Unbounded on purpose: the MQTT event loop must never wait on the
+    // control loop, which itself waits on the event loop's request queue
+    // when it publishes; a bound here could deadlock the two under a burst
+    // of statuses. What queues is bounded by what the broker delivers.
+    let (incoming_tx, incoming_rx) = mpsc::unbounded_channel();
     let mqtt_config = mqtt::MqttConfig {
         host,
         port,
@@ -124,7 +130,13 @@ async fn run_services(
         keepalive: Duration::from_secs(30),
     };
     let (mqtt, mqtt_task) = mqtt::start(mqtt_config, incoming_tx, stop.clone());
-    let (control, control_task) = control::start(store, mqtt, incoming_rx, stop.clone())?;
+    let (control, control_task) = control::start(
+        store,
+        mqtt.clone(),
+        incoming_rx,
+        config.node_timeout,
+        stop.clone(),
+    )?;
 
     let listener = tokio::net::TcpListener::bind(config.api_listen)
         .await
@@ -134,7 +146,7 @@ async fn run_services(
     tracker.spawn(mqtt_task);
     tracker.spawn(control_task);
     let api_stop = stop.clone();
-    let api = tracker.spawn(api::serve(listener, control, async move {
+    let api = tracker.spawn(api::serve(listener, control, mqtt, async move {
         api_stop.cancelled().await
     }));
     tracker.close();

@@ -106,9 +106,9 @@ impl Store {
             .set_cache_size(CACHE_BYTES)
             .create(path)
             .map_err(|source| StoreError::Open {
-            path: path.display().to_string(),
-            source,
-        })?;
+                path: path.display().to_string(),
+                source,
+            })?;
         let tx = db.begin_write().map_err(db_err("begin"))?;
         {
             tx.open_table(WORKLOADS).map_err(db_err("create table"))?;

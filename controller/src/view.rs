@@ -2,7 +2,7 @@
 //! objects, computed from the control loop's state. Pods are named
 //! `{workload}@{node}`.
 
-use flotilla_proto::{ContainerState, ContainerStatus, PodPhase, PodStatus};
+use flotilla_proto::{ContainerState, ContainerStatus, NodeHealth, PodPhase, PodStatus};
 use serde_json::{Value, json};
 
 use crate::control::Cluster;
@@ -27,15 +27,38 @@ pub fn node(c: &Cluster, name: &str) -> Option<Value> {
 
 fn node_view(c: &Cluster, name: &str, node: &Node) -> Value {
     let info = node.status.as_ref().map(|s| &s.info);
+    // All zeros is an agent that has not sampled (or cannot): unknown.
+    let health = node
+        .status
+        .as_ref()
+        .map(|s| s.health)
+        .filter(|h| *h != NodeHealth::default())
+        .map(|h| {
+            json!({
+                "memoryAvailableBytes": h.memory_available_bytes,
+                "diskFreeBytes": h.disk_free_bytes,
+                "diskTotalBytes": h.disk_total_bytes,
+                "load": f64::from(h.load_milli) / 1000.0,
+                "uptimeSecs": h.uptime_secs,
+            })
+        });
+    let reason = match node.readiness {
+        Readiness::NotReady if node.expired() => Some("NoContact"),
+        Readiness::NotReady => Some("Disconnected"),
+        _ => None,
+    };
     json!({
         "name": name,
         "status": node.readiness.as_str(),
+        "statusReason": reason,
         "labels": node.labels(),
         "arch": info.map(|i| i.arch.as_str()),
         "os": info.map(|i| i.os.as_str()),
         "agentVersion": info.map(|i| i.agent_version.as_str()),
         "cpus": info.map(|i| i.cpus),
         "memoryBytes": info.map(|i| i.memory_bytes),
+        "bootId": info.map(|i| i.boot_id.as_str()).filter(|b| !b.is_empty()),
+        "health": health,
         "lastSeenMs": node.last_seen_ms,
         "desiredGeneration": c.desired.get(name).map_or(0, |d| d.generation),
         "observedGeneration": node.status.as_ref().map_or(0, |s| s.observed_generation),
@@ -161,7 +184,7 @@ fn pod_view(
         "message": message,
         "ready": format!(
             "{}/{}",
-            containers.iter().filter(|c| c["state"] == "Running").count(),
+            containers.iter().filter(|c| c["ready"] == true).count(),
             containers.len()
         ),
         "restarts": restarts,

@@ -35,6 +35,9 @@ pub enum ConfigError {
     /// A duration is zero where it must not be.
     #[error("{what}: must be longer than zero")]
     ZeroDuration { what: &'static str },
+    /// The registries file is unreadable or wrong.
+    #[error("registries file {0}")]
+    Registries(#[from] crate::image::SettingsError),
     /// A directory could not be made absolute.
     #[error("{what} {path:?}: {source}")]
     Path {
@@ -89,12 +92,23 @@ pub struct Args {
     /// MQTT keepalive (`30s`, `1m`, `500ms`).
     #[arg(long, env = "FLOTILLA_KEEPALIVE", default_value = "30s", value_parser = parse_duration)]
     pub keepalive: Duration,
-    /// How long a container gets between SIGTERM and SIGKILL.
+    /// How long a container gets between SIGTERM and SIGKILL when its pod is
+    /// no longer known (found at start); desired pods use their own grace period.
     #[arg(long, env = "FLOTILLA_STOP_GRACE", default_value = "10s", value_parser = parse_duration)]
     pub stop_grace: Duration,
     /// How often the status is sent again even when nothing changed.
     #[arg(long, env = "FLOTILLA_RESYNC", default_value = "30m", value_parser = parse_duration)]
     pub resync: Duration,
+    /// Registry settings (TOML): insecure registries, CAs, credentials,
+    /// mirrors, the free-space floor for pulls.
+    #[arg(long, env = "FLOTILLA_REGISTRIES")]
+    pub registries: Option<PathBuf>,
+    /// A container's log file is rotated when it reaches this size (`10Mi`, `64Ki`; at least 64Ki).
+    #[arg(long, env = "FLOTILLA_LOG_MAX_SIZE", default_value = "10Mi", value_parser = crate::logs::parse_size)]
+    pub log_max_size: u64,
+    /// Rotated log files kept per container, besides the live one (at least 1).
+    #[arg(long, env = "FLOTILLA_LOG_KEPT_FILES", default_value_t = 2)]
+    pub log_kept_files: u32,
 }
 
 /// A node name that passed [`check_name`].
@@ -247,10 +261,14 @@ pub struct Config {
     pub topic_prefix: String,
     /// MQTT keepalive.
     pub keepalive: Duration,
-    /// Time between SIGTERM and SIGKILL when a container is stopped.
+    /// Time between SIGTERM and SIGKILL for containers of unknown pods.
     pub stop_grace: Duration,
     /// Status is sent again this often even when nothing changed.
     pub resync: Duration,
+    /// How images are pulled from registries.
+    pub pull: crate::image::PullSettings,
+    /// Size cap and rotated files kept of each container's log.
+    pub logs: crate::logs::LogLimits,
 }
 
 impl Config {
@@ -268,6 +286,8 @@ impl Config {
             keepalive: Duration::from_secs(30),
             stop_grace: Duration::from_secs(10),
             resync: Duration::from_secs(30 * 60),
+            pull: crate::image::PullSettings::default(),
+            logs: crate::logs::LogLimits::default(),
         })
     }
 
@@ -283,6 +303,13 @@ impl Config {
         config.keepalive = nonzero(args.keepalive, "keepalive")?;
         config.stop_grace = args.stop_grace;
         config.resync = nonzero(args.resync, "resync")?;
+        if let Some(path) = args.registries {
+            config.pull = crate::image::PullSettings::load(&absolute("registries file", path)?)?;
+        }
+        config.logs = crate::logs::LogLimits {
+            max_bytes: args.log_max_size.max(crate::logs::MIN_MAX_BYTES),
+            kept_files: args.log_kept_files.max(1),
+        };
         Ok(config)
     }
 }
@@ -379,6 +406,8 @@ mod tests {
         assert_eq!(c.keepalive, Duration::from_secs(30));
         assert_eq!(c.stop_grace, Duration::from_secs(10));
         assert_eq!(c.resync, Duration::from_secs(1800));
+        assert_eq!(c.logs.max_bytes, 10 << 20);
+        assert_eq!(c.logs.kept_files, 2);
     }
 
     #[test]
@@ -412,6 +441,11 @@ mod tests {
         assert!(args(&["--topic-prefix", "a/#"]).is_err());
         assert!(args(&["--keepalive", "0s"]).is_err());
         assert!(args(&["--stop-grace", "10x"]).is_err());
+        let e = args(&["--registries", "/nonexistent/registries.toml"]).unwrap_err();
+        assert!(
+            e.starts_with("registries file reading /nonexistent/registries.toml:"),
+            "{e}"
+        );
     }
 
     #[test]

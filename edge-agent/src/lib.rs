@@ -5,11 +5,15 @@
 //! before the broker is reachable (offline autonomy); the MQTT session hands
 //! in desired-state frames, which are judged ([`state::judge`]), stored and
 //! given to the reconciler; pods report to the coalescing reporter, whose
-//! newest status the session publishes.
+//! newest status the session publishes. Beside them run the log rotation,
+//! the health sampler, and the rpc server that answers the controller's
+//! requests (container logs) from the session.
 
 pub mod config;
 pub mod image;
+pub mod logs;
 pub mod node_info;
+pub mod probe;
 pub mod reconciler;
 pub mod report;
 pub mod runtime;
@@ -20,19 +24,22 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use flotilla_proto::Topics;
+use flotilla_proto::{Message, RpcCall, RpcRequest, RpcResponse, RpcResult, Topics, WIRE_VERSION};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{Config, RuntimeKind};
 use crate::image::Images;
+use crate::logs::Logs;
 use crate::report::{ReportHandle, ReportTiming};
 use crate::runtime::Runtime;
 use crate::state::{StateStore, Verdict};
 
 /// A burst of changes within this window gives one status message.
 const STATUS_DEBOUNCE: Duration = Duration::from_millis(100);
+/// Rpc requests waiting for the server; more are dropped (the caller times out).
+const RPC_QUEUE: usize = 8;
 
 /// Runs the agent until `shutdown` is cancelled (or a fatal error). When it
 /// returns, every task it started has ended. Containers are not stopped:
@@ -48,13 +55,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             let work_root = config.data_dir.join("containers");
             let cgroup_parent = format!("flotilla/{}", config.node);
             let images_dir = config.data_dir.join("images");
+            let pull = config.pull.clone();
             let (runtime, images) = tokio::task::spawn_blocking(move || {
                 let runtime =
                     runtime::youki::YoukiRuntime::new(state_root.clone(), work_root, cgroup_parent)
                         .with_context(|| {
                             format!("container runtime in {}", state_root.display())
                         })?;
-                let images = image::ImageStore::new(images_dir.clone())
+                let images = image::ImageStore::with_settings(images_dir.clone(), pull)
                     .with_context(|| format!("image store in {}", images_dir.display()))?;
                 anyhow::Ok((runtime, images))
             })
@@ -113,6 +121,7 @@ async fn agent<R: Runtime, I: Images>(
     if loaded.is_none() {
         tracing::info!("no stored desired state; waiting for the controller");
     }
+    let memory_total = info.memory_bytes;
     let mut accepted = loaded.as_ref().map(|d| d.generation);
     let instance: u64 = rand::random();
 
@@ -129,6 +138,15 @@ async fn agent<R: Runtime, I: Images>(
         tracker,
         token.clone(),
     );
+    node_info::spawn_health(
+        config.data_dir.clone(),
+        memory_total,
+        reports.clone(),
+        tracker,
+        token.clone(),
+    );
+    let logs = Arc::new(Logs::new(&config.data_dir, config.logs));
+    logs::spawn_rotation(Arc::clone(&logs), tracker, token.clone());
     let settings = reconciler::Settings {
         data_dir: config.data_dir.clone(),
         stop_grace: config.stop_grace,
@@ -144,6 +162,13 @@ async fn agent<R: Runtime, I: Images>(
     );
 
     let (desired_tx, mut desired_rx) = mpsc::channel(4);
+    let (request_tx, request_rx) = mpsc::channel(RPC_QUEUE);
+    let (response_tx, response_rx) = mpsc::channel(RPC_QUEUE);
+    let rpc = session::RpcChannels {
+        requests: request_tx,
+        responses: response_rx,
+    };
+    tracker.spawn(serve_rpc(logs, request_rx, response_tx, token.clone()));
     let session = session::SessionConfig {
         broker: config.broker.clone(),
         node: node.clone(),
@@ -151,7 +176,7 @@ async fn agent<R: Runtime, I: Images>(
         keepalive: config.keepalive,
         instance,
     };
-    session::spawn(session, status, desired_tx, tracker, token.clone())
+    session::spawn(session, status, desired_tx, rpc, tracker, token.clone())
         .context("starting the mqtt session")?;
     tracing::info!(node = %node, instance, "agent started");
 
@@ -203,6 +228,87 @@ async fn agent<R: Runtime, I: Images>(
                     .context("handing the desired state to the reconciler")?;
                 report(&reports, Some(generation), None).await;
             }
+        }
+    }
+}
+
+/// Answers rpc requests one at a time, each on a blocking thread (they read
+/// files), until `shutdown`.
+async fn serve_rpc(
+    logs: Arc<Logs>,
+    mut requests: mpsc::Receiver<Vec<u8>>,
+    responses: mpsc::Sender<Vec<u8>>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let frame = tokio::select! {
+            () = shutdown.cancelled() => return,
+            frame = requests.recv() => frame,
+        };
+        let Some(frame) = frame else { return };
+        let logs = Arc::clone(&logs);
+        let Ok(answer) = tokio::task::spawn_blocking(move || answer(&logs, &frame)).await else {
+            return;
+        };
+        if let Some(answer) = answer
+            && responses.send(answer).await.is_err()
+        {
+            return;
+        }
+    }
+}
+
+/// The encoded response to a request frame; `None` when the frame is too
+/// broken to say which request it was.
+fn answer(logs: &Logs, frame: &[u8]) -> Option<Vec<u8>> {
+    let response = match flotilla_proto::decode::<RpcRequest>(frame) {
+        Ok(RpcRequest {
+            id,
+            call: RpcCall::Logs(request),
+        }) => {
+            let result = match logs.read(&request) {
+                Ok(chunk) => RpcResult::Logs {
+                    data: chunk.data,
+                    next: chunk.next,
+                },
+                Err(e) => RpcResult::Error {
+                    message: e.to_string(),
+                },
+            };
+            RpcResponse { id, result }
+        }
+        Err(e) => {
+            // The id comes first: answering a request whose call is
+            // malformed spares its caller the timeout.
+            let id = match frame.split_first() {
+                Some((&WIRE_VERSION, body)) if frame.len() <= RpcRequest::MAX_BYTES => {
+                    postcard::take_from_bytes::<u64>(body)
+                        .ok()
+                        .map(|(id, _)| id)
+                }
+                _ => None,
+            };
+            tracing::warn!(?id, "refused an rpc request: {e}");
+            RpcResponse {
+                id: id?,
+                result: RpcResult::Error {
+                    message: format!("refused: {e}"),
+                },
+            }
+        }
+    };
+    let id = response.id;
+    match flotilla_proto::encode(&response) {
+        Ok(frame) => Some(frame),
+        Err(e) => {
+            tracing::error!(id, "rpc response: {e}");
+            let error = RpcResponse {
+                id,
+                result: RpcResult::Error {
+                    message: format!("the answer could not be sent: {e}"),
+                },
+            };
+            flotilla_proto::encode(&error).ok()
         }
     }
 }

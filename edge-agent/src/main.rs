@@ -1,13 +1,58 @@
 //! `flotilla-agent`: parses flags, sets up logging, runs the agent until
-//! SIGINT or SIGTERM, and alone decides the exit code.
+//! SIGINT or SIGTERM, and alone decides the exit code. `flotilla-agent image
+//! import|pull` work on the image store without running the agent.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
 use flotilla_agent::config::{Args, Config};
+use flotilla_agent::image::{ImageStore, Images, PullObserver, PullProgress, PullSettings};
 use tokio_util::sync::CancellationToken;
 
+/// `flotilla-agent image …`.
+#[derive(Debug, Parser)]
+#[command(
+    name = "flotilla-agent image",
+    about = "Work on the agent's image store"
+)]
+struct ImageArgs {
+    #[command(subcommand)]
+    command: ImageCommand,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum ImageCommand {
+    /// Load a `docker save` or OCI archive, for sites with no registry.
+    Import {
+        /// The archive.
+        file: PathBuf,
+        /// Name the image (a registry reference) when the archive holds one.
+        #[arg(long)]
+        name: Option<String>,
+        /// The agent's data directory.
+        #[arg(long, env = "FLOTILLA_DATA_DIR")]
+        data_dir: PathBuf,
+    },
+    /// Pull an image into the store, as the agent would.
+    Pull {
+        /// A registry reference, or oci:/oci-archive:.
+        reference: String,
+        /// The agent's data directory.
+        #[arg(long, env = "FLOTILLA_DATA_DIR")]
+        data_dir: PathBuf,
+        /// Registry settings (TOML), as for the agent.
+        #[arg(long, env = "FLOTILLA_REGISTRIES")]
+        registries: Option<PathBuf>,
+    },
+}
+
 fn main() -> ExitCode {
+    if std::env::args_os().nth(1).is_some_and(|a| a == "image") {
+        let args = ImageArgs::parse_from(std::env::args_os().skip(1));
+        init_logging();
+        return image_command(args.command);
+    }
     let args = Args::parse();
     init_logging();
     let config = match Config::from_args(args) {
@@ -39,6 +84,62 @@ fn main() -> ExitCode {
             tracing::error!("{e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+fn image_command(command: ImageCommand) -> ExitCode {
+    let result = match command {
+        ImageCommand::Import {
+            file,
+            name,
+            data_dir,
+        } => ImageStore::new(data_dir.join("images"))
+            .and_then(|store| store.import(&file, name.as_deref()))
+            .map(|report| {
+                for (name, digest) in &report.images {
+                    println!("{name} {digest}");
+                }
+                if report.unnamed > 0 {
+                    eprintln!(
+                        "flotilla-agent: {} image(s) without a name were stored but cannot be used; give --name",
+                        report.unnamed
+                    );
+                }
+            })
+            .map_err(|e| e.to_string()),
+        ImageCommand::Pull {
+            reference,
+            data_dir,
+            registries,
+        } => {
+            let settings = match registries.map(|p| PullSettings::load(&p)).transpose() {
+                Ok(s) => s.unwrap_or_default(),
+                Err(e) => {
+                    eprintln!("flotilla-agent: registries file {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            ImageStore::with_settings(data_dir.join("images"), settings)
+                .and_then(|store| store.pull(&reference, &Stderr))
+                .map(|image| println!("{} {}", image.digest, image.rootfs.display()))
+                .map_err(|e| e.to_string())
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("flotilla-agent: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Shows pull progress on stderr.
+struct Stderr;
+
+impl PullObserver for Stderr {
+    fn progress(&self, p: PullProgress) {
+        eprintln!("pulled {} of {} bytes", p.done_bytes, p.total_bytes);
     }
 }
 

@@ -2,12 +2,13 @@
 //! changes here; a burst of changes becomes one [`NodeStatus`] after a short
 //! debounce, and the status is offered again on a slow resync timer. Only the
 //! newest status is kept (a `watch` channel), so nothing queues up while the
-//! broker is unreachable.
+//! broker is unreachable. Health samples are kept and ride along with the
+//! next status; only an urgent one (a warning level crossed) asks for one.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use flotilla_proto::{NodeInfo, NodeStatus, PodStatus};
+use flotilla_proto::{NodeHealth, NodeInfo, NodeStatus, PodStatus};
 use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
@@ -33,6 +34,10 @@ enum Event {
     Desired {
         observed_generation: Option<u64>,
         desired_error: Option<String>,
+    },
+    Health {
+        health: NodeHealth,
+        urgent: bool,
     },
 }
 
@@ -65,6 +70,12 @@ impl ReportHandle {
             desired_error,
         })
         .await
+    }
+
+    /// A new health sample. It goes out with the next status; `urgent`
+    /// sends a status for it now (a warning level was crossed).
+    pub async fn health(&self, health: NodeHealth, urgent: bool) -> Result<(), ReportError> {
+        self.send(Event::Health { health, urgent }).await
     }
 
     async fn send(&self, event: Event) -> Result<(), ReportError> {
@@ -170,6 +181,11 @@ impl Reporter {
                 true
             }
             Event::PodGone(name) => self.pods.remove(&name).is_some(),
+            Event::Health { health, urgent } => {
+                let changed = self.base.health != health;
+                self.base.health = health;
+                urgent && changed
+            }
             Event::Desired {
                 observed_generation,
                 desired_error,
@@ -298,6 +314,29 @@ mod tests {
         assert!(t1.elapsed() >= Duration::from_secs(1700));
         assert_eq!(*rx.borrow_and_update(), s);
 
+        shutdown.cancel();
+        tracker.close();
+        tracker.wait().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn health_rides_along_unless_urgent() {
+        let (h, mut rx, tracker, shutdown) = start();
+        rx.borrow_and_update();
+        let sample = |mem| NodeHealth {
+            memory_available_bytes: mem,
+            ..NodeHealth::default()
+        };
+        h.health(sample(1), false).await.unwrap();
+        let quiet = tokio::time::timeout(Duration::from_secs(60), rx.changed()).await;
+        assert!(quiet.is_err(), "a routine sample must not send a status");
+        // The next status, for whatever reason, carries the newest sample.
+        h.pod(pod("a", PodPhase::Running)).await.unwrap();
+        rx.changed().await.unwrap();
+        assert_eq!(rx.borrow_and_update().health, sample(1));
+        h.health(sample(2), true).await.unwrap();
+        rx.changed().await.unwrap();
+        assert_eq!(rx.borrow_and_update().health, sample(2));
         shutdown.cancel();
         tracker.close();
         tracker.wait().await;

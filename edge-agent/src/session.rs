@@ -1,18 +1,21 @@
 //! The MQTT session — the only module that touches rumqttc. A persistent
 //! session (clean_session = false) with a retained `Offline` last will,
 //! reconnecting forever with jittered exponential back-off. On every ConnAck
-//! it announces `Online`, subscribes to the node's desired topic when the
-//! broker lost the session, and sends the newest status. Desired-state frames
-//! are handed on untouched; judging them is the caller's business.
+//! it announces `Online`, subscribes to the node's desired and `rpc/req`
+//! topics when the broker lost the session, and sends the newest status.
+//! Desired-state frames and rpc requests are handed on untouched; judging
+//! them is the caller's business. Rpc responses given back are published on
+//! `rpc/res` (QoS 1, not retained) while connected, and dropped otherwise:
+//! their caller has a timeout.
 //!
-//! Two tasks: one polls the event loop and nothing else (its `poll` future is
-//! never cancelled mid-write), the other publishes statuses through the
-//! client whenever the session is up and the status changed or the session
-//! is new.
+//! Three tasks: one polls the event loop and nothing else (its `poll` future
+//! is never cancelled mid-write), one publishes statuses through the client
+//! whenever the session is up and the status changed or the session is new,
+//! one publishes rpc responses.
 
 use std::time::Duration;
 
-use flotilla_proto::{EncodeError, NodeStatus, Presence, Topics, encode};
+use flotilla_proto::{EncodeError, NodeStatus, Presence, TopicKind, Topics, encode};
 use rumqttc::{
     AsyncClient, ConnectionError, Event, EventLoop, LastWill, MqttOptions, NetworkOptions, Packet,
     QoS,
@@ -26,7 +29,7 @@ use crate::node_info::AGENT_VERSION;
 
 /// Largest packet accepted from the broker: a desired state (1 MiB) with room.
 const MAX_INCOMING: usize = 2 * 1024 * 1024 + 4096;
-/// Largest packet sent: a status (256 KiB) with room.
+/// Largest packet sent: a status or rpc response (256 KiB each) with room.
 const MAX_OUTGOING: usize = 512 * 1024;
 /// First reconnect delay; doubles up to [`BACKOFF_MAX`].
 const BACKOFF_MIN: Duration = Duration::from_millis(500);
@@ -68,6 +71,16 @@ pub struct SessionConfig {
     pub instance: u64,
 }
 
+/// The rpc side of the session: requests out to the agent, response
+/// frames back from it.
+#[derive(Debug)]
+pub struct RpcChannels {
+    /// Request payloads from the broker; a full channel drops the request.
+    pub requests: mpsc::Sender<Vec<u8>>,
+    /// Encoded responses to publish.
+    pub responses: mpsc::Receiver<Vec<u8>>,
+}
+
 /// Starts the session. Desired-state payloads arrive on `desired`; the
 /// newest value of `status` is published whenever it changes and after
 /// every (re)connect.
@@ -75,6 +88,7 @@ pub fn spawn(
     config: SessionConfig,
     status: watch::Receiver<NodeStatus>,
     desired: mpsc::Sender<Vec<u8>>,
+    rpc: RpcChannels,
     tracker: &TaskTracker,
     shutdown: CancellationToken,
 ) -> Result<(), SessionError> {
@@ -111,10 +125,17 @@ pub fn spawn(
         config: config.clone(),
         client: client.clone(),
         desired,
+        rpc_requests: rpc.requests,
         connected: connected_tx,
     };
     let token = shutdown.clone();
     tracker.spawn(async move { looper.run(&mut eventloop, token).await });
+    let responder = ResponsePublisher {
+        topic: config.topics.node(&config.node, TopicKind::RpcResponse),
+        client: client.clone(),
+    };
+    let (token, connected) = (shutdown.clone(), connected_rx.clone());
+    tracker.spawn(async move { responder.run(rpc.responses, connected, token).await });
     let publisher = StatusPublisher {
         topic: config.topics.status(&config.node),
         client,
@@ -128,6 +149,7 @@ struct EventLoopTask {
     config: SessionConfig,
     client: AsyncClient,
     desired: mpsc::Sender<Vec<u8>>,
+    rpc_requests: mpsc::Sender<Vec<u8>>,
     /// `Some(n)` while connected, `n` counting connections.
     connected: watch::Sender<Option<u64>>,
 }
@@ -135,6 +157,10 @@ struct EventLoopTask {
 impl EventLoopTask {
     async fn run(self, eventloop: &mut EventLoop, shutdown: CancellationToken) {
         let desired_topic = self.config.topics.desired(&self.config.node);
+        let rpc_topic = self
+            .config
+            .topics
+            .node(&self.config.node, TopicKind::RpcRequest);
         let mut backoff = Backoff::new();
         let mut connections = 0u64;
         loop {
@@ -157,12 +183,20 @@ impl EventLoopTask {
                     // the retained desired state again, which a device whose
                     // data directory was wiped would otherwise never get.
                     let subscribe = !ack.session_present || connections == 1;
-                    if let Err(e) = self.on_connected(subscribe, &desired_topic) {
+                    if let Err(e) = self.on_connected(subscribe, &[&desired_topic, &rpc_topic]) {
                         tracing::warn!("{e}");
                     }
                     self.connected.send_replace(Some(connections));
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) => {
+                    if p.topic == rpc_topic {
+                        // Never wait on a busy rpc handler here: the event
+                        // loop also carries the keepalive.
+                        if let Err(e) = self.rpc_requests.try_send(p.payload.to_vec()) {
+                            tracing::warn!("dropping an rpc request: {e}");
+                        }
+                        continue;
+                    }
                     if p.topic != desired_topic {
                         tracing::debug!(topic = %p.topic, "ignoring a message on another topic");
                         continue;
@@ -200,7 +234,7 @@ impl EventLoopTask {
         self.connected.send_replace(None);
     }
 
-    fn on_connected(&self, subscribe: bool, desired_topic: &str) -> Result<(), SessionError> {
+    fn on_connected(&self, subscribe: bool, topics: &[&str]) -> Result<(), SessionError> {
         let online = Presence::Online {
             instance: self.config.instance,
             agent_version: AGENT_VERSION.to_owned(),
@@ -219,12 +253,14 @@ impl EventLoopTask {
         // The broker kept our subscription when it kept the session;
         // rumqttc does not resubscribe by itself when it did not.
         if subscribe {
-            self.client
-                .try_subscribe(desired_topic, QoS::AtLeastOnce)
-                .map_err(|source| SessionError::Queue {
-                    what: "subscription",
-                    source,
-                })?;
+            for topic in topics {
+                self.client
+                    .try_subscribe(*topic, QoS::AtLeastOnce)
+                    .map_err(|source| SessionError::Queue {
+                        what: "subscription",
+                        source,
+                    })?;
+            }
         }
         Ok(())
     }
@@ -326,6 +362,40 @@ impl StatusPublisher {
             })?;
         tracing::debug!(seq = status.seq, pods = status.pods.len(), "status queued");
         Ok(())
+    }
+}
+
+struct ResponsePublisher {
+    topic: String,
+    client: AsyncClient,
+}
+
+impl ResponsePublisher {
+    async fn run(
+        self,
+        mut responses: mpsc::Receiver<Vec<u8>>,
+        connected: watch::Receiver<Option<u64>>,
+        shutdown: CancellationToken,
+    ) {
+        loop {
+            let frame = tokio::select! {
+                () = shutdown.cancelled() => return,
+                frame = responses.recv() => frame,
+            };
+            let Some(frame) = frame else { return };
+            // While the link is down a queued response would only go out
+            // after its caller gave up.
+            if connected.borrow().is_none() {
+                tracing::debug!("link down: dropping an rpc response");
+                continue;
+            }
+            if let Err(e) =
+                self.client
+                    .try_publish(self.topic.as_str(), QoS::AtLeastOnce, false, frame)
+            {
+                tracing::warn!("rpc response not sent: {e}");
+            }
+        }
     }
 }
 

@@ -1,5 +1,6 @@
 //! The accepted desired state: deciding whether an incoming frame is accepted
-//! (decodes, is for this node, names valid and unique, newer generation), and
+//! (decodes, is for this node, names valid and unique, volumes and probes
+//! usable, newer generation), and
 //! keeping the last accepted frame on disk so that the node runs it again
 //! after a reboot with no network.
 //!
@@ -13,7 +14,10 @@ use std::fs::{self, File};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 
-use flotilla_proto::{DecodeError, DesiredState, Message, check_name, decode};
+use flotilla_proto::{
+    ContainerSpec, DecodeError, DesiredState, Message, PodSpec, Probe, ProbeAction, VolumeSource,
+    check_name, decode,
+};
 
 /// Why a desired state was refused, or the state files could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -48,6 +52,13 @@ pub enum StateError {
     /// Two containers of a pod share a name.
     #[error("pod {pod:?}: container {name:?}: name used more than once")]
     ContainerRepeated { pod: String, name: String },
+    /// A volume, volume mount or probe of a pod is unusable.
+    #[error("pod {pod:?}: {field}: {problem}")]
+    PodField {
+        pod: String,
+        field: String,
+        problem: String,
+    },
     /// A state file could not be read or written.
     #[error("{op} {path}: {source}")]
     Io {
@@ -129,6 +140,157 @@ pub fn validate(desired: &DesiredState, node: &str) -> Result<(), StateError> {
                 });
             }
         }
+        check_pod_parts(pod).map_err(|(field, problem)| StateError::PodField {
+            pod: pod.name.clone(),
+            field,
+            problem,
+        })?;
+    }
+    Ok(())
+}
+
+/// Longest path the agent accepts in a volume or mount (`PATH_MAX`).
+const MAX_PATH_BYTES: usize = 4096;
+
+/// Volumes, mounts and probes: volume names become directory names, file
+/// paths are joined under the pod's directory, and probe timings drive
+/// loops, so none is trusted from the wire. Errors are (field, problem).
+fn check_pod_parts(pod: &PodSpec) -> Result<(), (String, String)> {
+    let mut volumes = HashSet::with_capacity(pod.volumes.len());
+    for (i, v) in pod.volumes.iter().enumerate() {
+        let at = |f: &str| format!("volumes[{i}].{f}");
+        check_name(&v.name).map_err(|e| (at("name"), format!("{:?}: {e}", v.name)))?;
+        if !volumes.insert(v.name.as_str()) {
+            return Err((at("name"), format!("{:?} used more than once", v.name)));
+        }
+        match &v.source {
+            VolumeSource::HostPath { path } => absolute(path).map_err(|p| (at("path"), p))?,
+            VolumeSource::Scratch => {}
+            VolumeSource::Config { files } => {
+                let paths: HashSet<&str> = files.iter().map(|f| f.path.as_str()).collect();
+                for (j, f) in files.iter().enumerate() {
+                    let at = |f: &str| format!("volumes[{i}].files[{j}].{f}");
+                    relative(&f.path).map_err(|p| (at("path"), p))?;
+                    if paths.len() != files.len() {
+                        return Err((at("path"), "paths repeat within the volume".into()));
+                    }
+                    let parent = f
+                        .path
+                        .match_indices('/')
+                        .map(|(k, _)| &f.path[..k])
+                        .find(|dir| paths.contains(dir));
+                    if let Some(dir) = parent {
+                        return Err((at("path"), format!("{dir:?} is also a file")));
+                    }
+                    if f.mode > 0o777 {
+                        return Err((at("mode"), format!("{:o} is over 0777", f.mode)));
+                    }
+                }
+            }
+        }
+    }
+    for (c_index, c) in pod.containers.iter().enumerate() {
+        let mut targets = HashSet::with_capacity(c.volume_mounts.len());
+        for (j, m) in c.volume_mounts.iter().enumerate() {
+            let at = |f: &str| format!("containers[{c_index}].volume_mounts[{j}].{f}");
+            if !volumes.contains(m.name.as_str()) {
+                return Err((at("name"), format!("no volume {:?} in the pod", m.name)));
+            }
+            absolute(&m.mount_path).map_err(|p| (at("mount_path"), p))?;
+            let target = m.mount_path.trim_end_matches('/');
+            if target.is_empty() {
+                return Err((at("mount_path"), "\"/\" cannot be mounted over".into()));
+            }
+            if !targets.insert(target) {
+                return Err((at("mount_path"), format!("{target:?} mounted twice")));
+            }
+        }
+        check_probes(c).map_err(|(f, p)| (format!("containers[{c_index}].{f}"), p))?;
+    }
+    Ok(())
+}
+
+fn check_probes(c: &ContainerSpec) -> Result<(), (String, String)> {
+    let probes = [
+        ("liveness_probe", &c.liveness_probe),
+        ("readiness_probe", &c.readiness_probe),
+        ("startup_probe", &c.startup_probe),
+    ];
+    for (name, probe) in probes {
+        let Some(Probe {
+            action,
+            period_secs,
+            timeout_secs,
+            success_threshold,
+            failure_threshold,
+            ..
+        }) = probe
+        else {
+            continue;
+        };
+        let bad = |problem: &str| Err((name.to_owned(), problem.to_owned()));
+        if [
+            period_secs,
+            timeout_secs,
+            success_threshold,
+            failure_threshold,
+        ]
+        .contains(&&0)
+        {
+            return bad("period, timeout and thresholds must be at least 1");
+        }
+        match action {
+            ProbeAction::Exec { command } => {
+                if command.first().is_none_or(String::is_empty) {
+                    return bad("exec: empty command");
+                }
+                if command.iter().any(|a| a.contains('\0')) {
+                    return bad("exec: NUL in the command");
+                }
+            }
+            ProbeAction::Tcp { port } | ProbeAction::Http { port, .. } if *port == 0 => {
+                return bad("port 0");
+            }
+            ProbeAction::Http { path, .. } => {
+                if !path.starts_with('/') || path.len() > MAX_PATH_BYTES {
+                    return bad("http path must start with '/'");
+                }
+                if !path.bytes().all(|b| b.is_ascii_graphic()) {
+                    return bad("http path must be printable ASCII without spaces");
+                }
+            }
+            ProbeAction::Tcp { .. } => {}
+        }
+    }
+    Ok(())
+}
+
+fn absolute(path: &str) -> Result<(), String> {
+    if !path.starts_with('/') {
+        return Err(format!("{path:?} is not an absolute path"));
+    }
+    clean(path)
+}
+
+fn relative(path: &str) -> Result<(), String> {
+    if path.is_empty() || path.starts_with('/') {
+        return Err(format!("{path:?} is not a relative path"));
+    }
+    if path.split('/').any(|c| c.is_empty() || c == ".") {
+        return Err(format!("{path:?} has an empty or \".\" component"));
+    }
+    clean(path)
+}
+
+fn clean(path: &str) -> Result<(), String> {
+    if path.len() > MAX_PATH_BYTES {
+        return Err(format!("{} bytes, over {MAX_PATH_BYTES}", path.len()));
+    }
+    if path.contains('\0') {
+        return Err(format!("{path:?} holds a NUL byte"));
+    }
+    if path.split('/').any(|c| c == "..") {
+        return Err(format!("{path:?} holds \"..\""));
     }
     Ok(())
 }
@@ -323,6 +485,144 @@ mod tests {
             refusal(&frame(&desired(1, &[("a", &[])]))),
             "pod \"a\": no containers"
         );
+    }
+
+    #[test]
+    fn refuses_unusable_volumes_mounts_and_probes() {
+        use flotilla_proto::{ConfigFile, Volume, VolumeMount};
+        fn file(path: &str, mode: u32) -> ConfigFile {
+            ConfigFile {
+                path: path.into(),
+                data: b"x".to_vec(),
+                mode,
+            }
+        }
+        let volume = |name: &str, source: VolumeSource| Volume {
+            name: name.into(),
+            source,
+        };
+        let mount = |name: &str, path: &str| VolumeMount {
+            name: name.into(),
+            mount_path: path.into(),
+            read_only: false,
+        };
+        fn probe(action: ProbeAction, period_secs: u32) -> Probe {
+            Probe {
+                action,
+                initial_delay_secs: 0,
+                period_secs,
+                timeout_secs: 1,
+                success_threshold: 1,
+                failure_threshold: 3,
+            }
+        }
+        let good = || {
+            let mut d = desired(1, &[("a", &["x"])]);
+            d.pods[0].volumes = vec![
+                volume(
+                    "data",
+                    VolumeSource::HostPath {
+                        path: "/srv".into(),
+                    },
+                ),
+                volume("tmp", VolumeSource::Scratch),
+                volume(
+                    "conf",
+                    VolumeSource::Config {
+                        files: vec![file("a.conf", 0o644), file("dir/b.conf", 0o600)],
+                    },
+                ),
+            ];
+            d.pods[0].containers[0].volume_mounts =
+                vec![mount("data", "/data"), mount("conf", "/etc/app")];
+            d.pods[0].containers[0].liveness_probe = Some(probe(
+                ProbeAction::Http {
+                    port: 80,
+                    path: "/healthz".into(),
+                },
+                10,
+            ));
+            d
+        };
+        assert!(matches!(
+            judge(&frame(&good()), "n1", None),
+            Verdict::Accept(_)
+        ));
+        type Edit = fn(&mut PodSpec);
+        let cases: [(Edit, &str); 11] = [
+            (
+                |p| p.volumes[1].name = "Tmp".into(),
+                "pod \"a\": volumes[1].name: \"Tmp\": character 'T' at position 0 is not allowed",
+            ),
+            (
+                |p| p.volumes[1].name = "data".into(),
+                "pod \"a\": volumes[1].name: \"data\" used more than once",
+            ),
+            (
+                |p| p.volumes[0].source = VolumeSource::HostPath { path: "srv".into() },
+                "pod \"a\": volumes[0].path: \"srv\" is not an absolute path",
+            ),
+            (
+                |p| {
+                    p.volumes[2].source = VolumeSource::Config {
+                        files: vec![file("../../etc/cron.d/x", 0o644)],
+                    }
+                },
+                "pod \"a\": volumes[2].files[0].path: \"../../etc/cron.d/x\" holds \"..\"",
+            ),
+            (
+                |p| {
+                    p.volumes[2].source = VolumeSource::Config {
+                        files: vec![file("/etc/passwd", 0o644)],
+                    }
+                },
+                "pod \"a\": volumes[2].files[0].path: \"/etc/passwd\" is not a relative path",
+            ),
+            (
+                |p| {
+                    p.volumes[2].source = VolumeSource::Config {
+                        files: vec![file("d", 0o644), file("d/e", 0o644)],
+                    }
+                },
+                "pod \"a\": volumes[2].files[1].path: \"d\" is also a file",
+            ),
+            (
+                |p| {
+                    p.volumes[2].source = VolumeSource::Config {
+                        files: vec![file("s", 0o4755)],
+                    }
+                },
+                "pod \"a\": volumes[2].files[0].mode: 4755 is over 0777",
+            ),
+            (
+                |p| p.containers[0].volume_mounts[0].name = "nope".into(),
+                "pod \"a\": containers[0].volume_mounts[0].name: no volume \"nope\" in the pod",
+            ),
+            (
+                |p| p.containers[0].volume_mounts[1].mount_path = "/data/".into(),
+                "pod \"a\": containers[0].volume_mounts[1].mount_path: \"/data\" mounted twice",
+            ),
+            (
+                |p| {
+                    if let Some(l) = &mut p.containers[0].liveness_probe {
+                        l.period_secs = 0;
+                    }
+                },
+                "pod \"a\": containers[0].liveness_probe: period, timeout and thresholds must be at least 1",
+            ),
+            (
+                |p| {
+                    p.containers[0].readiness_probe =
+                        Some(probe(ProbeAction::Exec { command: vec![] }, 1))
+                },
+                "pod \"a\": containers[0].readiness_probe: exec: empty command",
+            ),
+        ];
+        for (edit, expected) in cases {
+            let mut d = good();
+            edit(&mut d.pods[0]);
+            assert_eq!(refusal(&frame(&d)), expected);
+        }
     }
 
     #[test]

@@ -354,7 +354,7 @@ async fn start_failures_wait_with_a_reason_and_retry() {
         vec![
             container("refused", &["fake-fail"]),
             ContainerSpec {
-                image: "no-transport".into(),
+                image: "No-Transport".into(),
                 ..container("noimage", &["serve"])
             },
             container("nocmd", &[]),
@@ -510,6 +510,7 @@ async fn adoption_keeps_running_desired_containers_and_removes_the_rest() {
                 hostname: "x".into(),
                 resources: Resources::default(),
                 log_path: Path::new("/dev/null").into(),
+                mounts: vec![],
             })
             .unwrap();
     };

@@ -89,6 +89,7 @@ impl Fixture {
             hostname: "box".into(),
             resources: Resources::default(),
             log_path: self.dir.path().join("logs").join(format!("{id}.log")),
+            mounts: vec![],
         }
     }
 

@@ -1,3 +1,4 @@
 //! Helpers shared by Flotilla's end-to-end tests and by other crates' tests.
 
 pub mod oci;
+pub mod registry;

@@ -18,7 +18,7 @@ const T: Duration = Duration::from_secs(90);
 
 fn sleeper(name: &str, image: &str, seconds: u32) -> String {
     format!(
-        "apiVersion: flotilla.dev/v1\nkind: Workload\nmetadata: {{name: {name}}}\nspec:\n  containers:\n  \
+        "apiVersion: flotilla.dev/v1\nkind: Workload\nmetadata: {{name: {name}}}\nspec:\n  terminationGracePeriodSeconds: 2\n  containers:\n  \
          - name: main\n    image: {image}\n    command: [sleep, '{seconds}']\n"
     )
 }

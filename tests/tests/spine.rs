@@ -18,7 +18,7 @@ const T: Duration = Duration::from_secs(90);
 fn workload(name: &str, image: &str, selector: &str, script: &str, policy: &str) -> String {
     format!(
         "apiVersion: flotilla.dev/v1\nkind: Workload\nmetadata:\n  name: {name}\nspec:\n  \
-         nodeSelector: {{{selector}}}\n  restartPolicy: {policy}\n  containers:\n  - name: main\n    \
+         nodeSelector: {{{selector}}}\n  restartPolicy: {policy}\n  terminationGracePeriodSeconds: 2\n  containers:\n  - name: main\n    \
          image: {image}\n    command: [sh, -c, '{script}']\n    \
          resources:\n      limits: {{cpu: 200m, memory: 32Mi, pids: 64}}\n"
     )
@@ -245,9 +245,18 @@ fn failures_are_reported_with_their_reason() {
 
     let missing = format!("oci:{}/no-such-layout:1", dir.path().display());
     let manifests = format!(
-        "{}---\n{}",
+        "{}---\n{}---\n{}---\n{}",
         workload("noimage", &missing, "", "true", "Always"),
         workload("exits", &image, "", "echo bye; exit 3", "Never"),
+        // Doubles a string until the 32 MiB limit stops it.
+        workload(
+            "hog",
+            &image,
+            "",
+            "x=aaaaaaaa; while true; do x=$x$x; done",
+            "Never"
+        ),
+        workload("flaky", &image, "", "exit 1", "OnFailure"),
     );
     let out = controller.apply(dir.path(), &manifests);
     assert!(
@@ -281,6 +290,30 @@ fn failures_are_reported_with_their_reason() {
         "restartPolicy Never restarted it"
     );
 
+    let pod = wait_for("the OOM kill to be reported", T, &logs, || {
+        let pod = controller.pod(&format!("hog@{node}"))?;
+        (pod["phase"] == "Failed").then_some(pod)
+    });
+    assert_eq!(container(&pod)["reason"], "OOMKilled", "{pod}");
+    assert_eq!(container(&pod)["exitCode"], 137);
+
+    // A failing container under OnFailure waits in back-off, with the time
+    // of the next attempt.
+    let pod = wait_for("the back-off to be reported", T, &logs, || {
+        let pod = controller.pod(&format!("flaky@{node}"))?;
+        let c = container(&pod);
+        (c["reason"] == "BackOff" && c["restarts"].as_u64()? >= 1).then_some(pod)
+    });
+    let c = container(&pod);
+    assert!(c["retryAtMs"].as_u64().is_some(), "{pod}");
+    assert!(
+        c["message"]
+            .as_str()
+            .unwrap()
+            .contains("exited with code 1"),
+        "{pod}"
+    );
+
     // describe shows the same, for people.
     let out = controller.cli(&["describe", "pod", &format!("exits@{node}")]);
     let text = String::from_utf8_lossy(&out.stdout);
@@ -289,7 +322,7 @@ fn failures_are_reported_with_their_reason() {
         "{text}"
     );
 
-    for name in ["noimage", "exits"] {
+    for name in ["noimage", "exits", "hog", "flaky"] {
         assert!(
             controller
                 .cli(&["delete", "workload", name])

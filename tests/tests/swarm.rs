@@ -14,15 +14,28 @@ use common::bin;
 fn swarm(broker: &str) {
     let out = Command::new(bin("flotilla-swarm"))
         .args(["--nodes", "200", "--batch", "100", "--sample", "20"])
-        .args(["--idle-secs", "2", "--timeout-secs", "90", "--broker", broker])
+        .args([
+            "--idle-secs",
+            "2",
+            "--timeout-secs",
+            "90",
+            "--broker",
+            broker,
+        ])
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "swarm failed:\n{stdout}\n{stderr}");
-    assert!(stdout.contains("connect and register: 200 agents"), "{stdout}");
+    assert!(
+        stdout.contains("connect and register: 200 agents"),
+        "{stdout}"
+    );
     assert!(stdout.contains("apply round 2: all 200 nodes"), "{stdout}");
-    assert!(stdout.contains("broker restart: all 200 agents reconnected"), "{stdout}");
+    assert!(
+        stdout.contains("broker restart: all 200 agents reconnected"),
+        "{stdout}"
+    );
     assert!(!stdout.contains("FAILED"), "{stdout}");
 }
 

@@ -58,7 +58,7 @@ fn up_runs_a_local_cluster() {
     std::fs::write(
         &manifest,
         format!(
-            "apiVersion: flotilla.dev/v1\nkind: Workload\nmetadata: {{name: hello}}\nspec:\n  containers:\n  \
+            "apiVersion: flotilla.dev/v1\nkind: Workload\nmetadata: {{name: hello}}\nspec:\n  terminationGracePeriodSeconds: 2\n  containers:\n  \
              - name: main\n    image: oci:{}:latest\n    command: [sh, -c, 'echo hello; exec sleep 3604']\n",
             layout.display()
         ),

@@ -3,7 +3,8 @@
 
 use std::collections::BTreeMap;
 
-use flotilla_proto::{ContainerSpec, RestartPolicy};
+use base64::Engine as _;
+use flotilla_proto::{ContainerSpec, Probe, ProbeAction, RestartPolicy, Volume, VolumeSource};
 use serde_json::{Map, Value, json};
 
 use super::quantity::{format_cpu, format_memory};
@@ -11,9 +12,11 @@ use super::{API_VERSION, KIND, Workload};
 
 impl Workload {
     /// The canonical manifest, used to store a workload and to print it with
-    /// `get -o yaml|json`. Defaults are written out (`restartPolicy`, empty
-    /// lists and maps); optional values that are unset (`workingDir`, each
-    /// limit) are left out, as absence is what "unset" means in a manifest.
+    /// `get -o yaml|json`. Defaults are written out (`restartPolicy`, the
+    /// grace period, a probe's timings, empty lists and maps); optional
+    /// values that are unset (`workingDir`, each limit, each probe) are left
+    /// out, as absence is what "unset" means in a manifest. A config file is
+    /// written as `content` when it is UTF-8, else as `contentBase64`.
     pub fn to_json(&self) -> Value {
         json!({
             "apiVersion": API_VERSION,
@@ -25,6 +28,8 @@ impl Workload {
             "spec": {
                 "nodeSelector": string_map(&self.spec.node_selector),
                 "restartPolicy": restart_policy(self.spec.restart_policy),
+                "terminationGracePeriodSeconds": self.spec.termination_grace_secs,
+                "volumes": self.spec.volumes.iter().map(volume).collect::<Vec<_>>(),
                 "containers": self.spec.containers.iter().map(container).collect::<Vec<_>>(),
             },
         })
@@ -65,9 +70,67 @@ fn container(c: &ContainerSpec) -> Value {
         "args": c.args,
         "env": c.env.iter().map(|e| json!({"name": e.name, "value": e.value})).collect::<Vec<_>>(),
         "resources": {"limits": limits},
+        "volumeMounts": c.volume_mounts.iter().map(|m| json!({
+            "name": m.name,
+            "mountPath": m.mount_path,
+            "readOnly": m.read_only,
+        })).collect::<Vec<_>>(),
     });
-    if let (Some(dir), Value::Object(map)) = (&c.working_dir, &mut out) {
-        map.insert("workingDir".into(), Value::String(dir.clone()));
+    if let Value::Object(map) = &mut out {
+        if let Some(dir) = &c.working_dir {
+            map.insert("workingDir".into(), Value::String(dir.clone()));
+        }
+        for (key, p) in [
+            ("livenessProbe", &c.liveness_probe),
+            ("readinessProbe", &c.readiness_probe),
+            ("startupProbe", &c.startup_probe),
+        ] {
+            if let Some(p) = p {
+                map.insert(key.into(), probe(p));
+            }
+        }
     }
+    out
+}
+
+fn volume(v: &Volume) -> Value {
+    match &v.source {
+        VolumeSource::HostPath { path } => json!({"name": v.name, "hostPath": {"path": path}}),
+        VolumeSource::Scratch => json!({"name": v.name, "emptyDir": {}}),
+        VolumeSource::Config { files } => {
+            let files: Vec<Value> = files
+                .iter()
+                .map(|f| {
+                    let mut out = json!({"path": f.path, "mode": format!("{:04o}", f.mode)});
+                    let (key, content) = match std::str::from_utf8(&f.data) {
+                        Ok(text) => ("content", text.to_owned()),
+                        Err(_) => (
+                            "contentBase64",
+                            base64::engine::general_purpose::STANDARD.encode(&f.data),
+                        ),
+                    };
+                    out[key] = Value::String(content);
+                    out
+                })
+                .collect();
+            json!({"name": v.name, "config": {"files": files}})
+        }
+    }
+}
+
+fn probe(p: &Probe) -> Value {
+    let mut out = json!({
+        "initialDelaySeconds": p.initial_delay_secs,
+        "periodSeconds": p.period_secs,
+        "timeoutSeconds": p.timeout_secs,
+        "successThreshold": p.success_threshold,
+        "failureThreshold": p.failure_threshold,
+    });
+    let (key, action) = match &p.action {
+        ProbeAction::Exec { command } => ("exec", json!({"command": command})),
+        ProbeAction::Tcp { port } => ("tcpSocket", json!({"port": port})),
+        ProbeAction::Http { port, path } => ("httpGet", json!({"port": port, "path": path})),
+    };
+    out[key] = action;
     out
 }

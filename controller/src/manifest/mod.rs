@@ -18,6 +18,15 @@
 //!   point); values finer than 1m or one byte are refused, not rounded.
 //! - A YAML syntax error stops only the document it is in: documents are cut
 //!   at `---` lines and parsed one by one, so the others are still checked.
+//! - Volumes: `hostPath: {path}`, `emptyDir: {}` (a per-pod scratch
+//!   directory) and `config: {files: [{path, content | contentBase64, mode}]}`
+//!   — small files carried in the desired state, always mounted read-only. A
+//!   file's `mode` is octal digits with a leading 0 (`0644`, read as text),
+//!   never a number: `644` or `0o644` in YAML, or `420` in JSON, would each
+//!   mean something else to someone.
+//! - Probes take `exec`, `tcpSocket` or `httpGet` with numeric ports only
+//!   (pods use the host's network, so there are no named ports); `httpGet`
+//!   has no `host`, `scheme` or headers: it asks 127.0.0.1 over plain HTTP.
 
 mod canonical;
 mod load;
@@ -26,6 +35,8 @@ mod validate;
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_pod;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -46,6 +57,21 @@ pub const MAX_MANIFEST_BYTES: usize = 1024 * 1024;
 pub const MAX_IMAGE_BYTES: usize = 1024;
 /// Longest working directory (Linux `PATH_MAX`).
 pub const MAX_WORKING_DIR_BYTES: usize = 4096;
+/// Longest host path, mount path or config file path (Linux `PATH_MAX`).
+pub const MAX_PATH_BYTES: usize = 4096;
+/// Cap on the bytes of every config file of a workload together: config
+/// volumes travel in each node's desired state, itself capped at 1 MiB.
+pub const MAX_CONFIG_BYTES: usize = 256 * 1024;
+/// Longest `httpGet.path` of a probe.
+pub const MAX_PROBE_PATH_BYTES: usize = 2048;
+/// Probe timing when the manifest gives none (as Kubernetes).
+pub const DEFAULT_PROBE_PERIOD_SECS: u32 = 10;
+/// Seconds before one probe check counts as failed, by default.
+pub const DEFAULT_PROBE_TIMEOUT_SECS: u32 = 1;
+/// Consecutive failures that fail a probe, by default.
+pub const DEFAULT_PROBE_FAILURE_THRESHOLD: u32 = 3;
+/// Permission bits of a config file when the manifest gives none.
+pub const DEFAULT_CONFIG_FILE_MODE: u32 = 0o644;
 /// Problems reported in full; past this they are only counted. A megabyte of
 /// `args: [1, 1, …]` would otherwise make tens of megabytes of messages.
 pub const MAX_REPORTED_ERRORS: usize = 1000;

@@ -720,6 +720,8 @@ fn canonical_json_spells_out_every_field() {
         "spec": {
             "nodeSelector": {"site": "shop12"},
             "restartPolicy": "OnFailure",
+            "terminationGracePeriodSeconds": 30,
+            "volumes": [],
             "containers": [
                 {
                     "name": "main",
@@ -729,6 +731,7 @@ fn canonical_json_spells_out_every_field() {
                     "env": [{"name": "MODE", "value": "prod"}, {"name": "_EMPTY", "value": ""}],
                     "workingDir": "/app",
                     "resources": {"limits": {"cpu": "500m", "memory": "64Mi", "pids": 100}},
+                    "volumeMounts": [],
                 },
                 {
                     "name": "side",
@@ -737,6 +740,7 @@ fn canonical_json_spells_out_every_field() {
                     "args": [],
                     "env": [],
                     "resources": {"limits": {"cpu": "2", "memory": "128Mi"}},
+                    "volumeMounts": [],
                 },
             ],
         },

@@ -1,6 +1,9 @@
 //! Checking one manifest document, read as a YAML value, into a `Workload`,
 //! recording every problem with the path of the field it concerns.
 
+mod probes;
+mod volumes;
+
 use std::collections::{BTreeMap, BTreeSet};
 
 use flotilla_proto::{
@@ -8,6 +11,8 @@ use flotilla_proto::{
 };
 use serde_norway::{Mapping, Value};
 
+use self::probes::ProbeKind;
+use self::volumes::Declared;
 use super::quantity::{parse_cpu, parse_memory};
 use super::{
     API_VERSION, DEFAULT_TERMINATION_GRACE_SECS, KIND, MAX_IMAGE_BYTES, MAX_WORKING_DIR_BYTES,
@@ -103,7 +108,13 @@ pub fn workload(doc: &Value, problems: &mut Problems) -> Workload {
         }
     }
     if let Some(spec) = c.required("", root, "spec") {
-        let fields = ["nodeSelector", "restartPolicy", "containers"];
+        let fields = [
+            "nodeSelector",
+            "restartPolicy",
+            "terminationGracePeriodSeconds",
+            "volumes",
+            "containers",
+        ];
         if let Some(spec) = c.map("spec", spec, &fields) {
             w.spec = c.spec(spec);
         }
@@ -318,6 +329,11 @@ impl Check<'_> {
                     RestartPolicy::default()
                 }
             });
+        let grace = "spec.terminationGracePeriodSeconds";
+        let termination_grace_secs = optional(spec, "terminationGracePeriodSeconds")
+            .and_then(|v| self.whole(grace, v, 0))
+            .unwrap_or(DEFAULT_TERMINATION_GRACE_SECS);
+        let (volumes, declared) = self.volumes("spec.volumes", optional(spec, "volumes"));
         let mut containers = Vec::new();
         if let Some(list) = self.required("spec", spec, "containers") {
             match list {
@@ -328,7 +344,7 @@ impl Check<'_> {
                     let mut seen = BTreeSet::new();
                     for (i, item) in items.iter().enumerate() {
                         let path = format!("spec.containers[{i}]");
-                        let Some(c) = self.container(&path, item) else {
+                        let Some(c) = self.container(&path, item, &declared) else {
                             continue;
                         };
                         if !c.name.is_empty() && !seen.insert(c.name.clone()) {
@@ -344,13 +360,13 @@ impl Check<'_> {
         WorkloadSpec {
             node_selector,
             restart_policy,
-            termination_grace_secs: DEFAULT_TERMINATION_GRACE_SECS,
-            volumes: Vec::new(),
+            termination_grace_secs,
+            volumes,
             containers,
         }
     }
 
-    fn container(&mut self, path: &str, v: &Value) -> Option<ContainerSpec> {
+    fn container(&mut self, path: &str, v: &Value, declared: &Declared) -> Option<ContainerSpec> {
         let fields = [
             "name",
             "image",
@@ -359,6 +375,10 @@ impl Check<'_> {
             "env",
             "workingDir",
             "resources",
+            "volumeMounts",
+            "livenessProbe",
+            "readinessProbe",
+            "startupProbe",
         ];
         let m = self.map(path, v, &fields)?;
         let mut c = ContainerSpec {
@@ -403,6 +423,14 @@ impl Check<'_> {
                 }
             }
         }
+        let mounts = optional(m, "volumeMounts");
+        c.volume_mounts = self.volume_mounts(&field(path, "volumeMounts"), mounts, declared);
+        let mut probe = |key: &str, kind: ProbeKind| {
+            optional(m, key).and_then(|v| self.probe(&field(path, key), v, kind))
+        };
+        c.liveness_probe = probe("livenessProbe", ProbeKind::Liveness);
+        c.readiness_probe = probe("readinessProbe", ProbeKind::Readiness);
+        c.startup_probe = probe("startupProbe", ProbeKind::Startup);
         Some(c)
     }
 

@@ -1,6 +1,8 @@
 //! Reading OCI image layouts and archives: picks the manifest for a tag and
 //! this device's platform, and reads every blob (index, manifest, config,
-//! layers) only after checking it against its digest and size.
+//! layers) only after checking it against its digest and size. The agent's
+//! own blob store is read the same way, with a [`Fetch`] that downloads each
+//! blob from a registry before it is read.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -14,16 +16,16 @@ use sha2::{Digest as _, Sha256};
 use super::{ImageConfig, ImageError, hex};
 
 /// Largest JSON blob (index, manifest, config) read; real ones are a few KiB.
-const MAX_JSON: u64 = 4 * 1024 * 1024;
+pub(crate) const MAX_JSON: u64 = 4 * 1024 * 1024;
 /// Image indexes pointing at image indexes, at most this deep.
 const MAX_NESTING: usize = 4;
 /// The annotation that names a manifest in `index.json`.
 const REF_NAME: &str = "org.opencontainers.image.ref.name";
 
-const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
-const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
-const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
-const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+pub(crate) const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+pub(crate) const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
+pub(crate) const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+pub(crate) const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
 const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
 const DOCKER_CONFIG: &str = "application/vnd.docker.container.image.v1+json";
 
@@ -33,7 +35,8 @@ const DOCKER_CONFIG: &str = "application/vnd.docker.container.image.v1+json";
 pub(crate) struct Digest(String);
 
 impl Digest {
-    fn parse(text: &str) -> Result<Self, String> {
+    /// Parses `sha256:<64 lowercase hex digits>`.
+    pub(crate) fn parse(text: &str) -> Result<Self, String> {
         let Some((algorithm, hex)) = text.split_once(':') else {
             return Err(format!("digest {text:?}: expected sha256:<64 hex digits>"));
         };
@@ -58,6 +61,41 @@ impl Digest {
     pub fn hex(&self) -> &str {
         &self.0
     }
+
+    /// The digest whose hex digits are `hex`, if they are 64 lowercase ones.
+    pub(crate) fn from_hex(hex: &str) -> Option<Self> {
+        Self::parse(&format!("sha256:{hex}")).ok()
+    }
+
+    /// The digest of `bytes`.
+    pub(crate) fn of(bytes: &[u8]) -> Self {
+        Self(hex(&Sha256::digest(bytes)))
+    }
+
+    /// The digest with this sha256 hash.
+    pub(crate) fn of_hash(hash: &[u8]) -> Self {
+        Self(hex(hash))
+    }
+}
+
+/// What a blob is, for the registry (manifests and blobs are fetched from
+/// different endpoints) and for messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum BlobKind {
+    /// An image manifest or index.
+    Manifest,
+    /// An image config.
+    Config,
+    /// A layer.
+    Layer,
+}
+
+/// Makes blobs present in a layout before they are read: the registry
+/// puller downloads them into the agent's blob store.
+pub(crate) trait Fetch {
+    /// Makes blob `digest` of `size` bytes present under
+    /// `blobs/sha256/<hex>`, verified against its digest and size.
+    fn fetch(&self, digest: &Digest, size: u64, kind: BlobKind) -> Result<(), ImageError>;
 }
 
 impl fmt::Display for Digest {
@@ -77,7 +115,7 @@ pub(crate) enum Compression {
 #[derive(Debug, Clone)]
 pub(crate) struct LayerDesc {
     pub digest: Digest,
-    size: u64,
+    pub size: u64,
     pub compression: Compression,
 }
 
@@ -98,6 +136,8 @@ pub(crate) struct Layout<'a> {
     dir: PathBuf,
     /// How messages name `index.json`: its path, or `archive.tar:index.json`.
     index_name: String,
+    /// Downloads blobs before they are read (registry pulls).
+    fetch: Option<&'a dyn Fetch>,
 }
 
 impl<'a> Layout<'a> {
@@ -118,6 +158,7 @@ impl<'a> Layout<'a> {
             reference,
             dir: dir.to_owned(),
             index_name,
+            fetch: None,
         };
         let marker = dir.join("oci-layout");
         let bytes = match read_capped(&marker, 4096) {
@@ -169,6 +210,35 @@ impl<'a> Layout<'a> {
         }
     }
 
+    /// The agent's blob store at `dir` (`{dir}/blobs/sha256/…`, no
+    /// `index.json`), read as a layout; `fetch` brings in missing blobs.
+    pub fn blob_store(reference: &'a str, dir: &Path, fetch: Option<&'a dyn Fetch>) -> Self {
+        Self {
+            reference,
+            dir: dir.to_owned(),
+            index_name: dir.join("blobs").display().to_string(),
+            fetch,
+        }
+    }
+
+    /// Picks the manifest for this device's platform starting from the
+    /// manifest or index `digest` (of `size` bytes, `media_type` when known),
+    /// and reads its manifest and config.
+    pub fn resolve_digest(
+        &self,
+        digest: Digest,
+        size: u64,
+        media_type: Option<String>,
+    ) -> Result<Resolved, ImageError> {
+        self.resolve_desc(Desc {
+            media_type,
+            digest,
+            size,
+            ref_name: None,
+            platform: None,
+        })
+    }
+
     /// Picks the manifest `tag` names (or the only one) for this device's
     /// platform, and reads its manifest and config.
     pub fn resolve(&self, tag: Option<&str>) -> Result<Resolved, ImageError> {
@@ -197,7 +267,7 @@ impl<'a> Layout<'a> {
                 .collect(),
             None => descs,
         };
-        let mut desc = match (candidates.len(), tag) {
+        let desc = match (candidates.len(), tag) {
             (0, Some(tag)) => {
                 let what = format!(
                     "tag {tag:?} not found in {} (tags: {tags})",
@@ -229,6 +299,10 @@ impl<'a> Layout<'a> {
                 });
             }
         };
+        self.resolve_desc(desc)
+    }
+
+    fn resolve_desc(&self, mut desc: Desc) -> Result<Resolved, ImageError> {
         for _ in 0..MAX_NESTING {
             let bytes = self.read_json(&desc, "manifest")?;
             match self.kind(&desc, &bytes)? {
@@ -289,6 +363,7 @@ impl<'a> Layout<'a> {
         let config_bytes = self.read_json(&config_desc, "config")?;
         let config: ConfigJson = serde_json::from_slice(&config_bytes)
             .map_err(|e| self.invalid(format!("config {}: {e}", config_desc.digest)))?;
+        let run_config = run_config(&config);
         if let Some(arch) = config.architecture.as_deref().filter(|a| !a.is_empty()) {
             // A single-platform image for another CPU would only fail later,
             // at exec, with a cryptic "exec format error".
@@ -319,17 +394,9 @@ impl<'a> Layout<'a> {
                 compression,
             });
         }
-        let inner = config.config.unwrap_or_default();
-        let config = ImageConfig {
-            entrypoint: inner.entrypoint.unwrap_or_default(),
-            cmd: inner.cmd.unwrap_or_default(),
-            env: inner.env.unwrap_or_default(),
-            working_dir: inner.working_dir.unwrap_or_default(),
-            user: inner.user.unwrap_or_default(),
-        };
         Ok(Resolved {
             manifest: digest,
-            config,
+            config: run_config,
             config_bytes,
             layers,
         })
@@ -423,6 +490,14 @@ impl<'a> Layout<'a> {
                 desc.digest, desc.size
             )));
         }
+        if let Some(fetch) = self.fetch {
+            let kind = if what == "config" {
+                BlobKind::Config
+            } else {
+                BlobKind::Manifest
+            };
+            fetch.fetch(&desc.digest, desc.size, kind)?;
+        }
         let path = self.blob_path(&desc.digest);
         let file = self.open_blob(&path, &desc.digest, desc.size, what)?;
         let mut bytes = Vec::with_capacity(usize::try_from(desc.size).unwrap_or(0));
@@ -503,6 +578,46 @@ impl<'a> Layout<'a> {
     }
 }
 
+fn run_config(config: &ConfigJson) -> ImageConfig {
+    let inner = config.config.clone().unwrap_or_default();
+    ImageConfig {
+        entrypoint: inner.entrypoint.unwrap_or_default(),
+        cmd: inner.cmd.unwrap_or_default(),
+        env: inner.env.unwrap_or_default(),
+        working_dir: inner.working_dir.unwrap_or_default(),
+        user: inner.user.unwrap_or_default(),
+    }
+}
+
+/// How to run an image, from its config blob (as the store keeps it next to
+/// an unpacked rootfs).
+pub(crate) fn parse_config(bytes: &[u8]) -> Result<ImageConfig, String> {
+    serde_json::from_slice::<ConfigJson>(bytes)
+        .map(|c| run_config(&c))
+        .map_err(|e| e.to_string())
+}
+
+/// The blobs a manifest or index names (config and layers, or manifests),
+/// with their sizes; what cannot be parsed names nothing.
+pub(crate) fn children(bytes: &[u8]) -> Vec<(Digest, u64)> {
+    #[derive(Deserialize)]
+    struct Any {
+        manifests: Option<Vec<DescriptorJson>>,
+        config: Option<DescriptorJson>,
+        layers: Option<Vec<DescriptorJson>>,
+    }
+    let Ok(any) = serde_json::from_slice::<Any>(bytes) else {
+        return Vec::new();
+    };
+    any.manifests
+        .into_iter()
+        .flatten()
+        .chain(any.config)
+        .chain(any.layers.into_iter().flatten())
+        .filter_map(|d| Some((Digest::parse(&d.digest).ok()?, u64::try_from(d.size).ok()?)))
+        .collect()
+}
+
 /// This device's architecture in OCI's (Go's) names.
 pub(crate) fn host_arch() -> &'static str {
     match std::env::consts::ARCH {
@@ -514,7 +629,7 @@ pub(crate) fn host_arch() -> &'static str {
     }
 }
 
-fn host_platform() -> String {
+pub(crate) fn host_platform() -> String {
     match host_arch() {
         "arm" => "linux/arm/v7".to_owned(),
         arch => format!("linux/{arch}"),
@@ -647,7 +762,7 @@ struct ConfigJson {
     config: Option<RunConfigJson>,
 }
 
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, Default, Clone)]
 #[serde(rename_all = "PascalCase")]
 struct RunConfigJson {
     entrypoint: Option<Vec<String>>,

@@ -1,20 +1,33 @@
 //! Images on the device: resolves an image reference to an unpacked root
 //! filesystem and the image's config (entrypoint, cmd, env, workdir, user).
-//! Unpacked images are stored once, content-addressed by manifest digest,
-//! under `{data_dir}/images`.
+//! Blobs and unpacked images are stored once, content-addressed, under
+//! `{data_dir}/images`.
 //!
-//! References use skopeo's transports: `oci:/path/to/layout[:tag]` (an OCI
-//! image layout directory) and `oci-archive:/path/to/file.tar[:tag]` (the same
-//! layout as a tar file). Registry pulls come later.
+//! References are registry references (`registry.local:5000/app:2`,
+//! `busybox@sha256:…`), pulled over the OCI distribution API with resume
+//! and digest checks, or skopeo's local transports `oci:/path/to/layout[:tag]`
+//! and `oci-archive:/path/to/file.tar[:tag]`.
 //!
-//! Submodules: `reference` parses references, `archive` extracts archives,
-//! `layout` reads layouts (verifying every blob), `unpack` applies layers
-//! safely, `store` keeps unpacked images, `user` resolves a config's `User`
-//! in a rootfs.
+//! Submodules: `reference` parses references, `settings` reads the
+//! registries file, `registry` and `auth` talk to registries, `pull` drives a
+//! pull, `blobs` keeps verified blobs, `refs` what references resolved to,
+//! `archive` extracts archives, `layout` reads layouts and the blob store
+//! (verifying every blob), `unpack` applies layers safely, `store` keeps
+//! unpacked images, `gc` removes what nothing needs, `import` loads
+//! `docker save` and OCI archives, `user` resolves a config's `User` in a
+//! rootfs.
 
 mod archive;
+mod auth;
+mod blobs;
+mod gc;
+mod import;
 mod layout;
+mod pull;
 mod reference;
+mod refs;
+mod registry;
+mod settings;
 mod store;
 mod unpack;
 mod user;
@@ -24,6 +37,10 @@ use std::path::PathBuf;
 
 use sha2::{Digest as _, Sha256};
 
+pub use flotilla_proto::PullProgress;
+pub use gc::GcReport;
+pub use import::ImportReport;
+pub use settings::{Credentials, PullSettings, RegistrySettings, SettingsError};
 pub use store::ImageStore;
 pub use user::resolve_user;
 
@@ -53,13 +70,69 @@ pub struct Image {
     pub config: ImageConfig,
 }
 
+/// Who waits for a pull: told how far it got, and asked whether it should
+/// go on.
+pub trait PullObserver: Sync {
+    /// Bytes of layers present so far, and in all; called when the download
+    /// starts, then at most about once a second, and when it is complete.
+    fn progress(&self, progress: PullProgress);
+    /// True when nobody needs the image any more (shutdown): the pull stops
+    /// soon after, keeping what it downloaded for the next one.
+    fn cancelled(&self) -> bool {
+        false
+    }
+}
+
+/// A [`PullObserver`] that watches nothing.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoObserver;
+
+impl PullObserver for NoObserver {
+    fn progress(&self, _: PullProgress) {}
+}
+
+/// A [`PullObserver`] that publishes progress on a watch channel and is
+/// cancelled with a token (the reconciler's pod task).
+#[derive(Debug)]
+pub struct WatchObserver {
+    /// Where progress goes.
+    pub progress: tokio::sync::watch::Sender<Option<PullProgress>>,
+    /// Cancelled when the pull is no longer needed.
+    pub cancel: tokio_util::sync::CancellationToken,
+}
+
+impl PullObserver for WatchObserver {
+    fn progress(&self, progress: PullProgress) {
+        // No receiver means nobody shows it: nothing to do.
+        let _ = self.progress.send(Some(progress));
+    }
+
+    fn cancelled(&self) -> bool {
+        self.cancel.is_cancelled()
+    }
+}
+
 /// Where the reconciler gets images from: the real [`ImageStore`] on devices,
 /// [`FakeImages`] with the fake runtime.
 pub trait Images: Send + Sync + 'static {
-    /// Makes `reference` ready to run and returns it. Blocking (reads and
-    /// unpacks files): call from `spawn_blocking`. Idempotent, and safe to
-    /// call for the same reference from several threads at once.
-    fn ensure(&self, reference: &str) -> Result<Image, ImageError>;
+    /// Makes `reference` ready to run and returns it, telling `observer` how
+    /// a download goes. Blocking (network, files): call from
+    /// `spawn_blocking`. Idempotent, and safe to call for the same reference
+    /// from several threads at once.
+    fn pull(&self, reference: &str, observer: &dyn PullObserver) -> Result<Image, ImageError>;
+
+    /// [`Images::pull`] with no one watching.
+    fn ensure(&self, reference: &str) -> Result<Image, ImageError> {
+        self.pull(reference, &NoObserver)
+    }
+
+    /// Removes images, blobs and records that none of `keep` (the image
+    /// references of the current desired state) needs. The store also keeps
+    /// those of the previous set it was given, and imported images.
+    /// Blocking. Failures are logged.
+    fn collect_garbage(&self, keep: &[String]) {
+        let _ = keep;
+    }
 }
 
 /// Why an image could not be made ready. Every message names the reference
@@ -126,6 +199,38 @@ pub enum ImageError {
         /// What is wrong.
         what: String,
     },
+    /// The registry cannot be reached or keeps failing (after retries), or
+    /// answers in a way a pull cannot use.
+    #[error("image {reference:?}: {what}")]
+    Pull {
+        /// The reference as given.
+        reference: String,
+        /// What failed, naming the registry and the blob or manifest.
+        what: String,
+    },
+    /// The registry refused the credentials, or has none to accept.
+    #[error("image {reference:?}: {what}")]
+    Unauthorized {
+        /// The reference as given.
+        reference: String,
+        /// What the registry said.
+        what: String,
+    },
+    /// The pull would leave less free space than the configured floor; it is
+    /// tried again later.
+    #[error("image {reference:?}: {what}")]
+    InsufficientStorage {
+        /// The reference as given.
+        reference: String,
+        /// How much is free, needed and kept.
+        what: String,
+    },
+    /// The pull was stopped because nobody needs it any more.
+    #[error("image {reference:?}: pull cancelled")]
+    Cancelled {
+        /// The reference as given.
+        reference: String,
+    },
     /// The store itself cannot be opened or cleaned.
     #[error("image store: {op} {}: {source}", path.display())]
     Store {
@@ -162,6 +267,10 @@ impl ImageError {
             Self::Invalid { .. } | Self::User { .. } => "InvalidImage",
             Self::UnsafeLayer { .. } => "UnsafeLayer",
             Self::Io { .. } | Self::Store { .. } => "ImageStoreError",
+            Self::Pull { .. } => "ErrImagePull",
+            Self::Unauthorized { .. } => "Unauthorized",
+            Self::InsufficientStorage { .. } => "InsufficientStorage",
+            Self::Cancelled { .. } => "Cancelled",
         }
     }
 }
@@ -172,7 +281,7 @@ impl ImageError {
 pub struct FakeImages;
 
 impl Images for FakeImages {
-    fn ensure(&self, reference: &str) -> Result<Image, ImageError> {
+    fn pull(&self, reference: &str, _: &dyn PullObserver) -> Result<Image, ImageError> {
         reference::Reference::parse(reference)?;
         // Stable per reference, so status and restarts behave as with real images.
         let digest = format!("sha256:{}", hex(&Sha256::digest(reference.as_bytes())));
@@ -213,7 +322,8 @@ mod tests {
             FakeImages.ensure("oci:/nowhere/at/all:v2")?.digest,
             image.digest
         );
-        let err = FakeImages.ensure("nginx:latest").err();
+        assert!(FakeImages.ensure("nginx:latest").is_ok());
+        let err = FakeImages.ensure("Nginx:latest").err();
         assert_eq!(err.map(|e| e.reason()), Some("InvalidImageName"));
         Ok(())
     }

@@ -2,10 +2,12 @@
 //! one task per pod (each with a typed command channel) that starts,
 //! watches, restarts, replaces and removes that pod's containers. At start it
 //! adopts what the runtime already runs: desired containers that still run
-//! are kept, everything else of ours is stopped and deleted.
+//! are kept, everything else of ours is stopped and deleted, with the
+//! directories of pods no longer desired.
 
 mod pod;
 mod process;
+mod volumes;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -22,7 +24,7 @@ use crate::image::Images;
 use crate::report::ReportHandle;
 use crate::runtime::{Existing, Runtime};
 
-pub use process::{container_id, parse_id};
+pub use process::{container_id, container_id_with_volumes, parse_id};
 
 use pod::{PodCommand, PodTask};
 
@@ -47,7 +49,9 @@ pub enum ReconcilerError {
 pub struct Settings {
     /// The agent's data directory (logs go to `{data_dir}/logs/{pod}/`).
     pub data_dir: PathBuf,
-    /// Time between SIGTERM and SIGKILL when a container is stopped.
+    /// Time between SIGTERM and SIGKILL for containers of pods the agent no
+    /// longer knows (found at start); a desired pod's containers get the
+    /// pod's own termination grace period.
     pub stop_grace: Duration,
 }
 
@@ -113,14 +117,14 @@ impl<R: Runtime, I: Images> Ctx<R, I> {
         }
     }
 
-    /// Stops `running` containers (SIGTERM, the grace period, SIGKILL) and
-    /// deletes them and the `dead` ones. The caller must have stopped
-    /// watching them: their exits are awaited here.
-    pub async fn stop_and_delete(&self, running: Vec<String>, dead: Vec<String>) {
+    /// Stops `running` containers (SIGTERM, `grace`, SIGKILL) and deletes
+    /// them and the `dead` ones. The caller must have stopped watching
+    /// them: their exits are awaited here.
+    pub async fn stop_and_delete(&self, running: Vec<String>, dead: Vec<String>, grace: Duration) {
         for id in &running {
             self.kill(id, libc::SIGTERM).await;
         }
-        let deadline = tokio::time::Instant::now() + self.settings.stop_grace;
+        let deadline = tokio::time::Instant::now() + grace;
         for id in &running {
             if tokio::time::timeout_at(deadline, self.runtime.wait(id))
                 .await
@@ -160,6 +164,43 @@ impl<R: Runtime, I: Images> Ctx<R, I> {
             Ok(Err(e)) => tracing::warn!("{e}"),
             Err(e) => tracing::error!("{e}"),
         }
+    }
+
+    /// Removes a pod's directory (scratch volumes, config files) once the
+    /// pod is gone.
+    pub async fn remove_volumes(&self, pod: &str) {
+        let data_dir = self.settings.data_dir.clone();
+        let owned = pod.to_owned();
+        let result = self
+            .blocking("removing volumes", move || {
+                volumes::remove(&data_dir, &owned)
+            })
+            .await;
+        match result {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!("{e}"),
+            Err(e) => tracing::error!("{e}"),
+        }
+    }
+
+    /// Sends SIGTERM to a container now and SIGKILL after `grace` unless it
+    /// has exited by then or `token` is cancelled (its pod stopped watching
+    /// it). Does not wait.
+    pub fn kill_gracefully(self: &Arc<Self>, id: &str, grace: Duration, token: CancellationToken) {
+        let ctx = Arc::clone(self);
+        let id = id.to_owned();
+        self.tracker.spawn(async move {
+            tokio::select! {
+                () = token.cancelled() => {}
+                () = async {
+                    ctx.kill(&id, libc::SIGTERM).await;
+                    if tokio::time::timeout(grace, ctx.runtime.wait(&id)).await.is_err() {
+                        tracing::info!(container = %id, "still running after the grace period, killing");
+                        ctx.kill(&id, libc::SIGKILL).await;
+                    }
+                } => {}
+            }
+        });
     }
 }
 
@@ -243,13 +284,38 @@ impl<R: Runtime, I: Images> Actor<R, I> {
                     .iter()
                     .filter(|e| !e.running)
                     .map(|e| e.id.clone());
-                ctx.stop_and_delete(running.collect(), dead.collect()).await;
+                let grace = ctx.settings.stop_grace;
+                ctx.stop_and_delete(running.collect(), dead.collect(), grace)
+                    .await;
                 ctx.remove_logs(&name).await;
+                ctx.remove_volumes(&name).await;
             });
             self.terminating.insert(pod, handle);
         }
+        self.remove_stale_pod_dirs().await;
         while let Some(desired) = rx.recv().await {
             self.apply(desired).await;
+        }
+    }
+
+    /// Removes the directories of pods that are neither desired nor being
+    /// removed (their containers were already gone when the agent started).
+    async fn remove_stale_pod_dirs(&self) {
+        let data_dir = self.ctx.settings.data_dir.clone();
+        let Ok(on_disk) = self
+            .ctx
+            .blocking("listing pod directories", move || {
+                volumes::pods_on_disk(&data_dir)
+            })
+            .await
+        else {
+            return;
+        };
+        for pod in on_disk {
+            if !self.pods.contains_key(&pod) && !self.terminating.contains_key(&pod) {
+                tracing::info!(pod = %pod, "removing the directory of a pod that is not desired");
+                self.ctx.remove_volumes(&pod).await;
+            }
         }
     }
 
@@ -269,6 +335,19 @@ impl<R: Runtime, I: Images> Actor<R, I> {
 
     async fn apply(&mut self, desired: DesiredState) {
         let generation = desired.generation;
+        if generation > 0 {
+            // Images no desired pod names go; the store keeps the previous
+            // set too, for rollbacks. In the background: it deletes files.
+            let keep: Vec<String> = desired
+                .pods
+                .iter()
+                .flat_map(|p| p.containers.iter().map(|c| c.image.clone()))
+                .collect();
+            let images = self.ctx.images.clone();
+            self.ctx
+                .tracker
+                .spawn_blocking(move || images.collect_garbage(&keep));
+        }
         let gone: Vec<String> = self
             .pods
             .keys()

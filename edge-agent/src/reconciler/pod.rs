@@ -1,13 +1,16 @@
-//! One pod's task: starts its containers in spec order, watches them, applies
-//! the restart policy with back-off, replaces containers whose spec changed,
-//! and on `Stop` removes everything. It reports the pod's status after every
-//! change.
+//! One pod's task: starts its containers in spec order (their volumes made
+//! ready first), watches them and their probes, applies the restart policy
+//! with back-off (a failed liveness probe counts as a crash), replaces
+//! containers whose spec or mounted volumes changed, and on `Stop` removes
+//! everything, each container getting the pod's grace period between
+//! SIGTERM and SIGKILL. It reports the pod's status after every change.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use flotilla_proto::{
     ContainerSpec, ContainerState, ContainerStatus, PodPhase, PodSpec, PodStatus, RestartPolicy,
+    Volume,
 };
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -15,8 +18,10 @@ use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
 
 use super::Ctx;
-use super::process::{self, StartFailure, container_id};
-use crate::image::Images;
+use super::process::{self, StartFailure, container_id_with_volumes};
+use super::volumes;
+use crate::image::{Images, PullProgress, WatchObserver};
+use crate::probe::{self, ContainerCheck, ProbeEvent, Probes};
 use crate::runtime::{Existing, Exit, Runtime, RuntimeError};
 
 /// First delay before a container is started again; doubles per attempt.
@@ -59,14 +64,23 @@ struct Slot {
     last_exit: Option<i32>,
     /// The last start failed: the runtime may hold leftovers of that id.
     failed_start: bool,
-    /// Cancels the task waiting for this container's exit.
+    /// Cancels the tasks of this run of the container: the one waiting for
+    /// its exit, its probes, a kill under way.
     waiter: Option<CancellationToken>,
+    /// Which run of the container its probe events are about.
+    run_number: u64,
+    /// Its probes pass (or it has none); reported only while it runs.
+    ready: bool,
+    /// Why the agent is killing it (a failed probe), for its exit message.
+    kill_reason: Option<String>,
+    /// How far the download of its image is, while one runs.
+    pull: Option<PullProgress>,
 }
 
 impl Slot {
-    fn new(pod: &str, spec: ContainerSpec) -> Self {
+    fn new(pod: &str, spec: ContainerSpec, volumes: &[Volume]) -> Self {
         Self {
-            id: container_id(pod, &spec),
+            id: container_id_with_volumes(pod, &spec, volumes),
             spec,
             run: Run::Start { at: Instant::now() },
             state: ContainerState::Waiting {
@@ -81,6 +95,10 @@ impl Slot {
             last_exit: None,
             failed_start: false,
             waiter: None,
+            run_number: 0,
+            ready: false,
+            kill_reason: None,
+            pull: None,
         }
     }
 
@@ -112,6 +130,8 @@ fn now_ms() -> u64 {
 }
 
 type ExitReport = (String, Result<Exit, RuntimeError>);
+/// A probe outcome for the container of that id, in that run.
+type ProbeReport = (String, u64, ProbeEvent);
 
 pub(super) struct PodTask<R, I> {
     ctx: Arc<Ctx<R, I>>,
@@ -119,10 +139,17 @@ pub(super) struct PodTask<R, I> {
     workload: String,
     generation: u64,
     policy: RestartPolicy,
+    /// Time between SIGTERM and SIGKILL when a container is stopped.
+    grace: Duration,
+    volumes: Vec<Volume>,
     slots: Vec<Slot>,
     terminating: bool,
     exits_tx: mpsc::Sender<ExitReport>,
     exits_rx: mpsc::Receiver<ExitReport>,
+    probes_tx: mpsc::Sender<ProbeReport>,
+    probes_rx: mpsc::Receiver<ProbeReport>,
+    /// Numbers the runs of containers, for their probe events.
+    runs: u64,
     /// Parent of the waiters' tokens; cancelled when the task ends.
     token: CancellationToken,
 }
@@ -135,20 +162,26 @@ impl<R: Runtime, I: Images> PodTask<R, I> {
         token: CancellationToken,
     ) -> Self {
         let (exits_tx, exits_rx) = mpsc::channel(16);
+        let (probes_tx, probes_rx) = mpsc::channel(16);
         Self {
             ctx,
             name: spec.name.clone(),
             workload: spec.workload.clone(),
             generation,
             policy: spec.restart_policy,
+            grace: Duration::from_secs(u64::from(spec.termination_grace_secs)),
+            volumes: spec.volumes.clone(),
             slots: spec
                 .containers
                 .iter()
-                .map(|c| Slot::new(&spec.name, c.clone()))
+                .map(|c| Slot::new(&spec.name, c.clone(), &spec.volumes))
                 .collect(),
             terminating: false,
             exits_tx,
             exits_rx,
+            probes_tx,
+            probes_rx,
+            runs: 0,
             token,
         }
     }
@@ -189,6 +222,7 @@ impl<R: Runtime, I: Images> PodTask<R, I> {
                     }
                 }
                 Some((id, result)) = self.exits_rx.recv() => self.on_exit(&id, result).await,
+                Some((id, run, event)) = self.probes_rx.recv() => self.on_probe(&id, run, event),
                 () = sleep_until(next.unwrap_or_else(Instant::now)), if next.is_some() => {}
             }
         }
@@ -218,7 +252,7 @@ impl<R: Runtime, I: Images> PodTask<R, I> {
             }
         }
         if !stop.is_empty() || !dead.is_empty() {
-            self.ctx.stop_and_delete(stop, dead).await;
+            self.ctx.stop_and_delete(stop, dead, self.grace).await;
         }
     }
 
@@ -245,8 +279,21 @@ impl<R: Runtime, I: Images> PodTask<R, I> {
     async fn start(&mut self, i: usize) {
         let slot = &self.slots[i];
         let (spec, id, clean_first) = (slot.spec.clone(), slot.id.clone(), slot.failed_start);
-        let result = self.start_blocking(spec, id.clone(), clean_first).await;
+        let (pull_tx, mut pull_rx) = tokio::sync::watch::channel(None);
+        let started = self.start_blocking(spec, id.clone(), clean_first, pull_tx);
+        tokio::pin!(started);
+        // While the image downloads, its progress shows as `Pulling`.
+        let result = loop {
+            tokio::select! {
+                r = &mut started => break r,
+                Ok(()) = pull_rx.changed() => {
+                    let progress = *pull_rx.borrow_and_update();
+                    self.show_pull(i, progress).await;
+                }
+            }
+        };
         let slot = &mut self.slots[i];
+        slot.pull = None;
         match result {
             Ok(()) => {
                 tracing::info!(pod = %self.name, container = %id, "container started");
@@ -287,23 +334,53 @@ impl<R: Runtime, I: Images> PodTask<R, I> {
         }
     }
 
-    /// Image, process, log directory, start: all of it blocks.
-    async fn start_blocking(
+    async fn show_pull(&mut self, i: usize, progress: Option<PullProgress>) {
+        let slot = &mut self.slots[i];
+        slot.pull = progress;
+        if let Some(p) = progress {
+            slot.state = ContainerState::Waiting {
+                reason: "Pulling".to_owned(),
+                message: Some(format!(
+                    "pulling image {}: {:.1} of {:.1} MiB",
+                    slot.spec.image,
+                    p.done_bytes as f64 / 1048576.0,
+                    p.total_bytes as f64 / 1048576.0
+                )),
+                retry_at_ms: None,
+            };
+        }
+        self.report().await;
+    }
+
+    /// Image, process, log directory, start: all of it blocks. The future
+    /// does not borrow the task, so the task can show pull progress.
+    fn start_blocking(
         &self,
         spec: ContainerSpec,
         id: String,
         clean_first: bool,
-    ) -> Result<(), StartFailure> {
+        pull_tx: tokio::sync::watch::Sender<Option<PullProgress>>,
+    ) -> impl Future<Output = Result<(), StartFailure>> + use<R, I> {
+        let observer = WatchObserver {
+            progress: pull_tx,
+            cancel: self.token.clone(),
+        };
         let runtime = self.ctx.runtime.clone();
         let images = self.ctx.images.clone();
         let pod = self.name.clone();
-        let log_path = process::log_path(&self.ctx.settings.data_dir, &pod, &spec.name);
+        let data_dir = self.ctx.settings.data_dir.clone();
+        let log_path = process::log_path(&data_dir, &pod, &spec.name);
+        let pod_volumes = self.volumes.clone();
         let work = move || -> Result<(), StartFailure> {
-            let image = images.ensure(&spec.image).map_err(|e| StartFailure {
-                reason: e.reason(),
-                message: e.to_string(),
-            })?;
-            let config = process::container_config(&pod, &id, &spec, &image, log_path)?;
+            let image = images
+                .pull(&spec.image, &observer)
+                .map_err(|e| StartFailure {
+                    reason: e.reason(),
+                    message: e.to_string(),
+                })?;
+            let mounts = volumes::prepare(&data_dir, &pod, &pod_volumes, &spec.volume_mounts)
+                .map_err(|e| StartFailure::create(e.to_string()))?;
+            let config = process::container_config(&pod, &id, &spec, &image, log_path, mounts)?;
             if let Some(dir) = config.log_path.parent() {
                 std::fs::create_dir_all(dir).map_err(|e| {
                     StartFailure::create(format!("creating {}: {e}", dir.display()))
@@ -322,9 +399,12 @@ impl<R: Runtime, I: Images> PodTask<R, I> {
                 other => StartFailure::create(other.to_string()),
             })
         };
-        match self.ctx.blocking("start", work).await {
-            Ok(r) => r,
-            Err(e) => Err(StartFailure::create(e.to_string())),
+        let ctx = self.ctx.clone();
+        async move {
+            match ctx.blocking("start", work).await {
+                Ok(r) => r,
+                Err(e) => Err(StartFailure::create(e.to_string())),
+            }
         }
     }
 
@@ -337,6 +417,11 @@ impl<R: Runtime, I: Images> PodTask<R, I> {
         let runtime = self.ctx.runtime.clone();
         let tx = self.exits_tx.clone();
         let id = slot.id.clone();
+        let probes = Probes::of(&slot.spec);
+        slot.ready = probes.is_empty();
+        self.runs += 1;
+        slot.run_number = self.runs;
+        let probe_token = token.clone();
         self.ctx.tracker.spawn(async move {
             tokio::select! {
                 () = token.cancelled() => {}
@@ -345,6 +430,56 @@ impl<R: Runtime, I: Images> PodTask<R, I> {
                 }
             }
         });
+        if !probes.is_empty() {
+            let check = ContainerCheck::new(
+                self.ctx.runtime.clone(),
+                slot.id.clone(),
+                self.ctx.tracker.clone(),
+            );
+            let (id, run) = (slot.id.clone(), slot.run_number);
+            let tx = self.probes_tx.clone();
+            self.ctx.tracker.spawn(async move {
+                let wrap = move |event| (id.clone(), run, event);
+                tokio::select! {
+                    () = probe_token.cancelled() => {}
+                    () = probe::run(probes, check, Instant::now(), tx, wrap) => {}
+                }
+            });
+        }
+    }
+
+    /// A probe outcome: readiness is recorded; a failed startup or
+    /// liveness probe has the container killed (gracefully), and its exit
+    /// then goes through the restart policy like any other.
+    fn on_probe(&mut self, id: &str, run: u64, event: ProbeEvent) {
+        let Some(slot) = self
+            .slots
+            .iter_mut()
+            .find(|s| s.id == id && s.run_number == run && matches!(s.run, Run::Running { .. }))
+        else {
+            return;
+        };
+        match event {
+            ProbeEvent::Ready(ready) => {
+                if slot.ready != ready {
+                    tracing::info!(pod = %self.name, container = %id, ready, "readiness changed");
+                }
+                slot.ready = ready;
+            }
+            ProbeEvent::Failed { kind, message } => {
+                tracing::warn!(
+                    pod = %self.name,
+                    container = %id,
+                    "{kind} probe failed, restarting the container: {message}"
+                );
+                slot.ready = false;
+                slot.kill_reason = Some(format!("{kind} probe failed: {message}"));
+                if let Some(token) = &slot.waiter {
+                    self.ctx
+                        .kill_gracefully(id, self.grace, token.child_token());
+                }
+            }
+        }
     }
 
     async fn on_exit(&mut self, id: &str, result: Result<Exit, RuntimeError>) {
@@ -374,7 +509,11 @@ impl<R: Runtime, I: Images> PodTask<R, I> {
         } else {
             "Error"
         };
-        let message = wait_error.or_else(|| exit.signal.map(|s| format!("killed by signal {s}")));
+        let killed_for = self.slots[i].kill_reason.take();
+        let message = killed_for
+            .clone()
+            .or(wait_error)
+            .or_else(|| exit.signal.map(|s| format!("killed by signal {s}")));
         let restart = will_restart(self.policy, exit.code);
         tracing::info!(
             pod = %self.name,
@@ -385,7 +524,9 @@ impl<R: Runtime, I: Images> PodTask<R, I> {
             "container exited"
         );
         let slot = &mut self.slots[i];
-        slot.waiter = None;
+        // Ends this run's probes and any kill under way.
+        slot.stop_watching();
+        slot.ready = false;
         if let Run::Running { since } = slot.run {
             if since.elapsed() >= BACKOFF_RESET {
                 slot.backoff = BACKOFF_MIN;
@@ -405,11 +546,18 @@ impl<R: Runtime, I: Images> PodTask<R, I> {
             // and when the next start is due.
             slot.state = ContainerState::Waiting {
                 reason: "BackOff".to_owned(),
-                message: Some(format!(
-                    "exited with code {} ({reason}); restarting in {} s",
-                    exit.code,
-                    delay.as_secs()
-                )),
+                message: Some(match &killed_for {
+                    Some(why) => format!(
+                        "{why}; exited with code {}; restarting in {} s",
+                        exit.code,
+                        delay.as_secs()
+                    ),
+                    None => format!(
+                        "exited with code {} ({reason}); restarting in {} s",
+                        exit.code,
+                        delay.as_secs()
+                    ),
+                }),
                 retry_at_ms: Some(now_ms() + delay.as_millis() as u64),
             };
             Run::Start {
@@ -426,12 +574,16 @@ impl<R: Runtime, I: Images> PodTask<R, I> {
         self.generation = generation;
         self.workload = spec.workload;
         self.policy = spec.restart_policy;
+        // Replaced containers get the grace period they were started with.
+        let old_grace = self.grace;
+        self.grace = Duration::from_secs(u64::from(spec.termination_grace_secs));
+        self.volumes = spec.volumes;
         let mut old = std::mem::take(&mut self.slots);
         for c in spec.containers {
-            let id = container_id(&self.name, &c);
+            let id = container_id_with_volumes(&self.name, &c, &self.volumes);
             match old.iter().position(|s| s.id == id) {
                 Some(pos) => self.slots.push(old.remove(pos)),
-                None => self.slots.push(Slot::new(&self.name, c)),
+                None => self.slots.push(Slot::new(&self.name, c, &self.volumes)),
             }
         }
         // A policy change can revive a finished container or settle one
@@ -460,7 +612,7 @@ impl<R: Runtime, I: Images> PodTask<R, I> {
         if !running.is_empty() || !dead.is_empty() {
             tracing::info!(pod = %self.name, replaced = ?running, "replacing changed containers");
             self.report().await;
-            self.ctx.stop_and_delete(running, dead).await;
+            self.ctx.stop_and_delete(running, dead, old_grace).await;
         }
     }
 
@@ -476,8 +628,9 @@ impl<R: Runtime, I: Images> PodTask<R, I> {
                 _ => {}
             }
         }
-        self.ctx.stop_and_delete(running, dead).await;
+        self.ctx.stop_and_delete(running, dead, self.grace).await;
         self.ctx.remove_logs(&self.name).await;
+        self.ctx.remove_volumes(&self.name).await;
         tracing::info!(pod = %self.name, "pod removed");
         // An error means the agent is shutting down; nothing to report to.
         let _ = self.ctx.reports.pod_gone(self.name.clone()).await;
@@ -502,8 +655,8 @@ impl<R: Runtime, I: Images> PodTask<R, I> {
                     name: s.spec.name.clone(),
                     state: s.state.clone(),
                     restarts: s.restarts,
-                    ready: matches!(s.state, ContainerState::Running { .. }),
-                    pull: None,
+                    ready: s.ready && matches!(s.state, ContainerState::Running { .. }),
+                    pull: s.pull,
                 })
                 .collect(),
         }

@@ -1,13 +1,14 @@
 //! How a container spec and its image become the process the runtime starts:
-//! argv by Kubernetes' rules, environment, working directory, user, paths.
+//! argv by Kubernetes' rules, environment, working directory, user, paths,
+//! and the container's id.
 
 use std::path::{Path, PathBuf};
 
-use flotilla_proto::{ContainerSpec, EnvVar};
+use flotilla_proto::{ContainerSpec, EnvVar, Volume};
 use sha2::{Digest, Sha256};
 
 use crate::image::{Image, ImageConfig, resolve_user};
-use crate::runtime::ContainerConfig;
+use crate::runtime::{ContainerConfig, Mount};
 
 /// Why a container could not be started, as reported in its `Waiting` state.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -31,8 +32,26 @@ impl StartFailure {
 /// the first 8 hex digits of the SHA-256 of the spec's postcard encoding.
 /// A changed spec gets a new id, and a restarted agent recognises its
 /// containers by id alone.
+///
+/// This is the id of a container that mounts no volume; the reconciler uses
+/// [`container_id_with_volumes`], which gives the same id for such a one.
 pub fn container_id(pod: &str, spec: &ContainerSpec) -> String {
-    let digest = Sha256::digest(spec_bytes(spec));
+    container_id_with_volumes(pod, spec, &[])
+}
+
+/// [`container_id`], the hash also covering the definition of each volume
+/// of `volumes` the container mounts, in mount order: a changed volume (a
+/// config file edited, a host path moved) replaces exactly the containers
+/// that see it.
+pub fn container_id_with_volumes(pod: &str, spec: &ContainerSpec, volumes: &[Volume]) -> String {
+    let mut bytes = spec_bytes(spec);
+    for m in &spec.volume_mounts {
+        if let Some(v) = volumes.iter().find(|v| v.name == m.name) {
+            bytes
+                .extend(postcard::to_allocvec(v).unwrap_or_else(|_| format!("{v:?}").into_bytes()));
+        }
+    }
+    let digest = Sha256::digest(bytes);
     let hex: String = digest[..4].iter().map(|b| format!("{b:02x}")).collect();
     format!("{pod}.{}.{hex}", spec.name)
 }
@@ -71,14 +90,16 @@ pub(crate) fn pod_log_dir(data_dir: &Path, pod: &str) -> PathBuf {
     data_dir.join("logs").join(pod)
 }
 
-/// Everything the runtime needs for `spec`, run from `image` in pod `pod`.
-/// Blocking (reads the image's passwd and group files).
+/// Everything the runtime needs for `spec`, run from `image` in pod `pod`
+/// with its volumes at `mounts`. Blocking (reads the image's passwd and
+/// group files).
 pub(crate) fn container_config(
     pod: &str,
     id: &str,
     spec: &ContainerSpec,
     image: &Image,
     log_path: PathBuf,
+    mounts: Vec<Mount>,
 ) -> Result<ContainerConfig, StartFailure> {
     let args = argv(&spec.command, &spec.args, &image.config).map_err(StartFailure::create)?;
     let env = environment(&image.config.env, &spec.env).map_err(StartFailure::create)?;
@@ -99,6 +120,7 @@ pub(crate) fn container_config(
         hostname: pod.to_owned(),
         resources: spec.resources,
         log_path,
+        mounts,
     })
 }
 
@@ -267,6 +289,31 @@ mod tests {
         // different hash for the same spec would make an upgraded agent
         // replace every running container.
         assert_eq!(id, "shop.web.a7f96c7c");
+
+        // Volumes count only when mounted, and then by their definition.
+        use flotilla_proto::{VolumeMount, VolumeSource};
+        let conf = |text: &str| Volume {
+            name: "conf".into(),
+            source: VolumeSource::Config {
+                files: vec![flotilla_proto::ConfigFile {
+                    path: "a".into(),
+                    data: text.as_bytes().to_vec(),
+                    mode: 0o644,
+                }],
+            },
+        };
+        assert_eq!(container_id_with_volumes("shop", &spec, &[conf("v1")]), id);
+        let mut mounting = spec.clone();
+        mounting.volume_mounts.push(VolumeMount {
+            name: "conf".into(),
+            mount_path: "/etc/app".into(),
+            read_only: true,
+        });
+        let v1 = container_id_with_volumes("shop", &mounting, &[conf("v1")]);
+        let v2 = container_id_with_volumes("shop", &mounting, &[conf("v2")]);
+        assert_ne!(v1, v2);
+        assert_ne!(v1, container_id("shop", &mounting));
+        assert_eq!(parse_id(&v2), Some(("shop", "web")));
 
         for not_ours in [
             "shop.web",

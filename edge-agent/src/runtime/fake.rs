@@ -3,10 +3,12 @@
 //!
 //! Behaviour is chosen by the container's `args`: `["fake-exit", "N"]` exits
 //! at once with code N, `["fake-fail"]` fails to start, anything else runs
-//! until killed.
+//! until killed. An `exec` gives what [`FakeRuntime::set_exec`] chose for
+//! its command line, 127 (command not found) for any other.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
 
 use tokio::sync::watch;
 
@@ -22,6 +24,10 @@ pub struct FakeRuntime {
 struct State {
     containers: HashMap<String, watch::Sender<Option<Exit>>>,
     starts: HashMap<String, u32>,
+    /// By command line (argv joined with spaces): exit code, `None` for a
+    /// command that never finishes.
+    exec_results: HashMap<String, Option<i32>>,
+    execs: HashMap<String, u32>,
 }
 
 impl FakeRuntime {
@@ -57,6 +63,19 @@ impl FakeRuntime {
     /// How many times `start` was called for `id`, failed attempts included.
     pub fn start_count(&self, id: &str) -> u32 {
         self.state().starts.get(id).copied().unwrap_or(0)
+    }
+
+    /// What an `exec` of `command` (argv joined with spaces), in any
+    /// container, gives from now on: `Some(code)`, or `None` for a command
+    /// that never finishes — reported as a timeout at once, as if the
+    /// timeout had passed.
+    pub fn set_exec(&self, command: &str, result: Option<i32>) {
+        self.state().exec_results.insert(command.to_owned(), result);
+    }
+
+    /// How many times `command` was run by `exec` in a running container.
+    pub fn exec_count(&self, command: &str) -> u32 {
+        self.state().execs.get(command).copied().unwrap_or(0)
     }
 }
 
@@ -170,6 +189,34 @@ impl Runtime for FakeRuntime {
         out.sort_by(|a, b| a.id.cmp(&b.id));
         Ok(out)
     }
+
+    fn exec(&self, id: &str, argv: &[String], timeout: Duration) -> Result<i32, RuntimeError> {
+        let mut state = self.state();
+        let running = state
+            .containers
+            .get(id)
+            .ok_or_else(|| RuntimeError::NotFound { id: id.to_owned() })?
+            .borrow()
+            .is_none();
+        if !running {
+            return Err(RuntimeError::Other {
+                id: id.to_owned(),
+                op: "exec",
+                reason: "the container is not running".into(),
+            });
+        }
+        let command = argv.join(" ");
+        *state.execs.entry(command.clone()).or_default() += 1;
+        match state.exec_results.get(&command).copied() {
+            Some(Some(code)) => Ok(code),
+            Some(None) => Err(RuntimeError::Timeout {
+                id: id.to_owned(),
+                op: "exec",
+                after: timeout,
+            }),
+            None => Ok(127),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -193,6 +240,7 @@ mod tests {
             hostname: "fake".into(),
             resources: Resources::default(),
             log_path: PathBuf::from("/nonexistent/log"),
+            mounts: vec![],
         }
     }
 
@@ -267,6 +315,30 @@ mod tests {
         rt.delete("r").unwrap();
         rt.start(&config("r", &["again"])).unwrap();
         assert_eq!(rt.start_count("r"), 3);
+    }
+
+    #[test]
+    fn exec_gives_the_chosen_result_in_running_containers_only() {
+        let rt = FakeRuntime::new();
+        let argv = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let t = Duration::from_secs(1);
+        assert!(matches!(
+            rt.exec("x", &argv(&["true"]), t),
+            Err(RuntimeError::NotFound { .. })
+        ));
+        rt.start(&config("x", &["serve"])).unwrap();
+        assert_eq!(rt.exec("x", &argv(&["true"]), t).unwrap(), 127);
+        rt.set_exec("check it", Some(0));
+        assert_eq!(rt.exec("x", &argv(&["check", "it"]), t).unwrap(), 0);
+        rt.set_exec("check it", Some(3));
+        assert_eq!(rt.exec("x", &argv(&["check", "it"]), t).unwrap(), 3);
+        rt.set_exec("hang", None);
+        let err = rt.exec("x", &argv(&["hang"]), t).unwrap_err();
+        assert_eq!(err.to_string(), "container x: exec: no result after 1s");
+        assert_eq!(rt.exec_count("check it"), 2);
+        rt.kill("x", libc::SIGKILL).unwrap();
+        assert!(rt.exec("x", &argv(&["check", "it"]), t).is_err());
+        assert_eq!(rt.exec_count("check it"), 2);
     }
 
     #[tokio::test]

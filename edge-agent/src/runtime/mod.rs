@@ -10,6 +10,7 @@ pub mod youki;
 
 use std::future::Future;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use flotilla_proto::Resources;
 
@@ -39,6 +40,23 @@ pub struct ContainerConfig {
     pub resources: Resources,
     /// File the container's stdout and stderr are appended to.
     pub log_path: PathBuf,
+    /// Host files and directories bind-mounted into the container, in order.
+    pub mounts: Vec<Mount>,
+}
+
+/// A host file or directory bind-mounted into a container.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mount {
+    /// Absolute path on the host.
+    pub source: PathBuf,
+    /// Absolute path inside the container (created if missing).
+    pub destination: String,
+    /// Mounted read-only; such a mount is not recursive, so that no
+    /// writable mount below the source shows through.
+    pub read_only: bool,
+    /// A directory the agent made (scratch or config): mounted `nosuid` and
+    /// `nodev`. Host paths are mounted as they are.
+    pub agent_owned: bool,
 }
 
 /// A container the runtime knows about (found at start, for adoption).
@@ -77,6 +95,13 @@ pub enum RuntimeError {
     /// cgroups); no container is involved.
     #[error("runtime setup: {reason}")]
     Setup { reason: String },
+    /// A command run in the container did not finish in time (and was killed).
+    #[error("container {id}: {op}: no result after {after:?}")]
+    Timeout {
+        id: String,
+        op: &'static str,
+        after: Duration,
+    },
     /// Any other failure, named.
     #[error("container {id}: {op}: {reason}")]
     Other {
@@ -109,4 +134,11 @@ pub trait Runtime: Send + Sync + 'static {
 
     /// Every container this runtime manages on the node.
     fn list(&self) -> Result<Vec<Existing>, RuntimeError>;
+
+    /// Runs `argv` inside the running container `id` — its namespaces,
+    /// cgroup, user, environment and working directory — with no input and
+    /// its output discarded, and returns its exit code (128 + signal number
+    /// when a signal ended it). Past `timeout` the process is killed and the
+    /// result is [`RuntimeError::Timeout`].
+    fn exec(&self, id: &str, argv: &[String], timeout: Duration) -> Result<i32, RuntimeError>;
 }

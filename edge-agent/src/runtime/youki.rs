@@ -9,6 +9,7 @@
 //! `/{cgroup_parent}/{id}` in every hierarchy.
 
 mod cgroup;
+mod exec;
 mod process;
 mod rootfs;
 mod spec;
@@ -432,6 +433,7 @@ impl Runtime for YoukiRuntime {
         };
         check_id(id).map_err(create)?;
         spec::validate(config).map_err(|e| create(e.to_string()))?;
+        spec::check_mount_sources(config).map_err(|e| create(e.to_string()))?;
         let bounding = spec::host_bounding_set().map_err(|e| create(e.to_string()))?;
         spec::check_capabilities(&self.capabilities, bounding)
             .map_err(|e| create(e.to_string()))?;
@@ -516,6 +518,32 @@ impl Runtime for YoukiRuntime {
 
     fn list(&self) -> Result<Vec<Existing>, RuntimeError> {
         self.inner.list()
+    }
+
+    fn exec(&self, id: &str, argv: &[String], timeout: Duration) -> Result<i32, RuntimeError> {
+        check_id(id).map_err(|_| RuntimeError::NotFound { id: id.to_owned() })?;
+        let loaded = self
+            .inner
+            .load(id)?
+            .ok_or_else(|| RuntimeError::NotFound { id: id.to_owned() })?;
+        let init = match loaded.pid {
+            Some(pid) if loaded.started => self.inner.open_init(id, pid)?,
+            _ => None,
+        };
+        if !init.is_some_and(|i| i.is_running().unwrap_or(false)) {
+            return Err(RuntimeError::Other {
+                id: id.to_owned(),
+                op: "exec",
+                reason: "the container is not running".into(),
+            });
+        }
+        exec::run(
+            &self.inner.state_root,
+            &self.inner.bundle(id),
+            id,
+            argv,
+            timeout,
+        )
     }
 }
 

@@ -1,7 +1,7 @@
 //! The OCI runtime spec (`config.json`) of one container, built from its
 //! [`ContainerConfig`]: Docker-like defaults (namespaces, mounts,
-//! capabilities, masked paths) with host networking, and the container's
-//! resource limits.
+//! capabilities, masked paths) with host networking, the container's
+//! resource limits and its bind mounts (volumes).
 
 use std::collections::HashSet;
 use std::path::Path;
@@ -15,7 +15,7 @@ use oci_spec::runtime::{
     get_default_readonly_paths,
 };
 
-use crate::runtime::ContainerConfig;
+use crate::runtime::{ContainerConfig, Mount as BindMount};
 
 /// Errors building a runtime spec. Each names the field that is wrong.
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +36,9 @@ pub enum SpecError {
     /// directory while it starts containers, so only absolute paths are safe.
     #[error("{field}: {path} is not an absolute path")]
     RelativeHostPath { field: &'static str, path: String },
+    /// A bind mount's paths are unusable.
+    #[error("mounts[{index}]: {reason}")]
+    BadMount { index: usize, reason: String },
     /// The working directory is not absolute.
     #[error("cwd: {cwd:?} is not an absolute path")]
     RelativeCwd { cwd: String },
@@ -178,6 +181,9 @@ pub fn validate(config: &ContainerConfig) -> Result<(), SpecError> {
             hostname: h.clone(),
         });
     }
+    for (index, m) in config.mounts.iter().enumerate() {
+        check_mount(m).map_err(|reason| SpecError::BadMount { index, reason })?;
+    }
     if let Some(m) = config.resources.memory_bytes.filter(|m| *m < MIN_MEMORY) {
         return Err(SpecError::LimitTooLow {
             field: "memory_bytes",
@@ -191,6 +197,38 @@ pub fn validate(config: &ContainerConfig) -> Result<(), SpecError> {
             value: 0,
             min: 1,
         });
+    }
+    Ok(())
+}
+
+/// Checks that every mount's source exists: libcontainer's own error for a
+/// missing one names neither the mount nor the path.
+pub fn check_mount_sources(config: &ContainerConfig) -> Result<(), SpecError> {
+    for (index, m) in config.mounts.iter().enumerate() {
+        if let Err(e) = std::fs::metadata(&m.source) {
+            return Err(SpecError::BadMount {
+                index,
+                reason: format!("source {}: {e}", m.source.display()),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Absolute paths on both sides, without NUL or `..`: libcontainer resolves
+/// the destination inside the rootfs, but a `..` is never what was meant.
+fn check_mount(m: &BindMount) -> Result<(), String> {
+    let source = m.source.to_str().unwrap_or_default();
+    for (side, path) in [("source", source), ("destination", m.destination.as_str())] {
+        if !path.starts_with('/') {
+            return Err(format!("{side} {path:?} is not an absolute path"));
+        }
+        if path.contains('\0') || path.split('/').any(|c| c == "..") {
+            return Err(format!("{side} {path:?} holds NUL or \"..\""));
+        }
+    }
+    if m.destination.trim_end_matches('/').is_empty() {
+        return Err("destination \"/\" would hide the root filesystem".to_owned());
     }
     Ok(())
 }
@@ -370,14 +408,16 @@ pub fn build(
         )
         .hostname(config.hostname.clone())
         .process(process)
-        .mounts(mounts()?)
+        .mounts(mounts(&config.mounts)?)
         .linux(linux)
         .build()?)
 }
 
 /// The standard mounts, plus the host's resolver files read-only since the
-/// container shares the host's network, as `docker --network host` does.
-fn mounts() -> Result<Vec<Mount>, SpecError> {
+/// container shares the host's network, as `docker --network host` does,
+/// then the container's bind mounts (after `/dev` and the rest, so that a
+/// volume can be mounted below them).
+fn mounts(binds: &[BindMount]) -> Result<Vec<Mount>, SpecError> {
     let m = |dest: &str, typ: &str, source: &str, opts: &[&str]| {
         MountBuilder::default()
             .destination(dest)
@@ -436,6 +476,23 @@ fn mounts() -> Result<Vec<Mount>, SpecError> {
             )?);
         }
     }
+    for b in binds {
+        // Read-only mounts are not recursive: `ro` applies to the top mount
+        // only, and a writable mount below the source must not show through.
+        let mut opts = if b.read_only {
+            vec!["bind", "ro"]
+        } else {
+            vec!["rbind", "rw"]
+        };
+        if b.agent_owned {
+            opts.extend(["nosuid", "nodev"]);
+        }
+        let source = b.source.to_str().ok_or_else(|| SpecError::BadMount {
+            index: 0,
+            reason: format!("source {} is not UTF-8", b.source.display()),
+        })?;
+        out.push(m(&b.destination, "bind", source, &opts)?);
+    }
     Ok(out)
 }
 
@@ -463,6 +520,20 @@ mod tests {
                 pids: Some(32),
             },
             log_path: PathBuf::from("/tmp/log"),
+            mounts: vec![
+                BindMount {
+                    source: PathBuf::from("/srv/data"),
+                    destination: "/data".into(),
+                    read_only: false,
+                    agent_owned: false,
+                },
+                BindMount {
+                    source: PathBuf::from("/var/lib/flotilla/pods/web/config/conf"),
+                    destination: "/etc/app".into(),
+                    read_only: true,
+                    agent_owned: true,
+                },
+            ],
         }
     }
 
@@ -523,6 +594,34 @@ mod tests {
             m.destination() == Path::new("/sys")
                 && m.options().as_ref().unwrap().contains(&"ro".to_string())
         }));
+        let binds: Vec<_> = spec
+            .mounts()
+            .as_ref()
+            .unwrap()
+            .iter()
+            .filter(|m| m.typ().as_deref() == Some("bind"))
+            .filter(|m| {
+                !["/etc/hosts", "/etc/resolv.conf"].contains(&m.destination().to_str().unwrap())
+            })
+            .map(|m| {
+                (
+                    m.destination().display().to_string(),
+                    m.source().as_ref().unwrap().display().to_string(),
+                    m.options().as_ref().unwrap().join(","),
+                )
+            })
+            .collect();
+        assert_eq!(
+            binds,
+            [
+                ("/data".into(), "/srv/data".into(), "rbind,rw".into()),
+                (
+                    "/etc/app".into(),
+                    "/var/lib/flotilla/pods/web/config/conf".into(),
+                    "bind,ro,nosuid,nodev".into()
+                ),
+            ] as [(String, String, String); 2]
+        );
     }
 
     #[test]
@@ -546,7 +645,19 @@ mod tests {
     #[test]
     fn validation_names_the_bad_field() {
         type Edit = fn(&mut ContainerConfig);
-        let cases: [(Edit, &str); 8] = [
+        let cases: [(Edit, &str); 11] = [
+            (
+                |c| c.mounts[0].source = "srv".into(),
+                "mounts[0]: source \"srv\" is not an absolute path",
+            ),
+            (
+                |c| c.mounts[1].destination = "/etc/../x".into(),
+                "mounts[1]: destination \"/etc/../x\" holds NUL or \"..\"",
+            ),
+            (
+                |c| c.mounts[1].destination = "//".into(),
+                "mounts[1]: destination \"/\"",
+            ),
             (
                 |c| c.log_path = "logs/x.log".into(),
                 "log_path: logs/x.log is not an absolute path",

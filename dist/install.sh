@@ -1,0 +1,115 @@
+#!/bin/sh
+# Installs a Flotilla binary and its systemd unit, then enables and starts it.
+#
+#   install.sh agent [--bin FILE] [--broker mqtt://HOST:PORT] [--node NAME]
+#                    [--label k=v]... [--no-start]
+#   install.sh controller [--bin FILE] [--mqtt-listen ADDR:PORT] [--no-start]
+#
+# --bin defaults to the binary next to this script (cross/build puts both in
+# target/cross/dist/<target>/). Settings go to /etc/flotilla/agent.env or
+# controller.env: written when flags are given or the file is missing, kept
+# otherwise. DESTDIR installs into another root (an image being built):
+# nothing is started then. PREFIX (default /usr/local) is where bin/ goes.
+set -eu
+
+usage() {
+  sed -n '3,7p' "$0" | sed 's/^# \{0,1\}//' >&2
+  exit 2
+}
+die() {
+  echo "install.sh: $*" >&2
+  exit 1
+}
+
+[ $# -ge 1 ] || usage
+what=$1
+shift
+case $what in
+  agent) name=flotilla-agent unit=flotilla-agent.service env=agent.env ;;
+  controller) name=flotilla unit=flotilla.service env=controller.env ;;
+  *) usage ;;
+esac
+
+here=$(cd "$(dirname "$0")" && pwd)
+bin=$here/$name
+broker='' node='' labels='' listen='' start=yes settings=no
+while [ $# -gt 0 ]; do
+  case $1 in
+    --bin) bin=${2:?--bin needs a file}; shift ;;
+    --broker) broker=${2:?--broker needs mqtt://HOST:PORT}; settings=yes; shift ;;
+    --node) node=${2:?--node needs a name}; settings=yes; shift ;;
+    --label) labels=${labels:+$labels,}${2:?--label needs key=value}; settings=yes; shift ;;
+    --mqtt-listen) listen=${2:?--mqtt-listen needs ADDR:PORT}; settings=yes; shift ;;
+    --no-start) start=no ;;
+    *) usage ;;
+  esac
+  shift
+done
+
+root=${DESTDIR:-}
+prefix=${PREFIX:-/usr/local}
+[ -f "$bin" ] || die "binary $bin: not found (expected $name built by cross/build, or --bin FILE)"
+[ -f "$here/$unit" ] || die "unit $here/$unit: not found next to install.sh"
+[ "$(id -u)" = 0 ] || [ -n "$root" ] || die "run as root (the agent needs it, and so do /etc and $prefix)"
+if [ -z "$root" ]; then
+  # Refuses a binary for another architecture before anything is replaced.
+  "$bin" --version >/dev/null 2>&1 || die "binary $bin: does not run on this machine ($(uname -m)): built for another target?"
+fi
+
+install -D -m 0755 "$bin" "$root$prefix/bin/$name"
+# The unit names /usr/local/bin: point it at PREFIX.
+mkdir -p "$root/etc/systemd/system"
+sed "s|/usr/local/bin/|$prefix/bin/|g" "$here/$unit" >"$root/etc/systemd/system/$unit"
+chmod 0644 "$root/etc/systemd/system/$unit"
+
+conf=$root/etc/flotilla/$env
+mkdir -p "$root/etc/flotilla"
+if [ "$settings" = yes ] || [ ! -f "$conf" ]; then
+  [ -f "$conf" ] && cp "$conf" "$conf.old"
+  if [ "$what" = agent ]; then
+    [ -n "$broker" ] || die "$conf: missing: give --broker mqtt://HOST:PORT (and --node, --label)"
+    if [ -z "$node" ]; then
+      # Node names are DNS labels: lowercase the host name, '-' for the rest.
+      node=$(hostname | tr 'A-Z' 'a-z' | tr -c 'a-z0-9-\n' '-' | cut -c1-63)
+    fi
+    {
+      echo "# flotilla-agent settings (README, \"flotilla-agent\"); read by $unit"
+      echo "FLOTILLA_BROKER=$broker"
+      echo "FLOTILLA_NODE=$node"
+      echo "FLOTILLA_LABELS=$labels"
+      echo "FLOTILLA_DATA_DIR=/var/lib/flotilla-agent"
+    } >"$conf"
+  else
+    {
+      echo "# flotilla serve settings (README, \"flotilla serve\"); read by $unit"
+      echo "FLOTILLA_MQTT_LISTEN=${listen:-0.0.0.0:1883}"
+      echo "FLOTILLA_API_LISTEN=127.0.0.1:7470"
+    } >"$conf"
+  fi
+  chmod 0644 "$conf"
+fi
+echo "installed $root$prefix/bin/$name, $root/etc/systemd/system/$unit, $conf"
+
+if [ "$what" = agent ] && [ -z "$root" ]; then
+  # Raspberry Pi OS ships with the memory controller off: limits would not hold.
+  if [ -f /sys/fs/cgroup/cgroup.controllers ]; then
+    grep -qw memory /sys/fs/cgroup/cgroup.controllers || missing=yes
+  else
+    awk '$1 == "memory" && $4 == 1 { found = 1 } END { exit !found }' /proc/cgroups || missing=yes
+  fi
+  if [ "${missing:-}" = yes ]; then
+    echo "warning: the memory cgroup controller is off: add 'cgroup_enable=memory cgroup_memory=1'" \
+      "to the kernel command line (/boot/firmware/cmdline.txt on a Raspberry Pi) and reboot" >&2
+  fi
+fi
+
+if [ -n "$root" ] || [ "$start" = no ]; then
+  exit 0
+fi
+if ! command -v systemctl >/dev/null 2>&1 || [ ! -d /run/systemd/system ]; then
+  echo "systemd is not running here: start $prefix/bin/$name yourself" >&2
+  exit 0
+fi
+systemctl daemon-reload
+systemctl enable --now "$unit"
+systemctl --no-pager --lines=5 status "$unit" || true

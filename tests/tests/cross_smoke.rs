@@ -1,0 +1,282 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+//! The quick check of the device builds, run by CI: `cross/build` makes the
+//! static aarch64 agent, which qemu-user runs here — `--version`, then, with
+//! the fake runtime (qemu-user cannot create containers), a real session with
+//! a controller on this host: the node registers as arm64 and a workload's
+//! pod is reported Running. Also: dist/install.sh puts a binary, its systemd
+//! unit and its settings in place, and the units pass `systemd-analyze verify`.
+//! The real containers on ARM are proven in an emulated machine (tests/tests/arm.rs).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+
+const T: Duration = Duration::from_secs(120);
+const AARCH64: &str = "aarch64-unknown-linux-musl";
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+/// Runs `cross/build --agent-only aarch64` (a no-op when nothing changed)
+/// and returns the agent it built.
+pub fn cross_agent(log_dir: &Path) -> PathBuf {
+    let log = log_dir.join("cross-build.log");
+    let out = std::fs::File::create(&log).unwrap();
+    let status = Command::new(repo().join("cross/build"))
+        .args(["--agent-only", "aarch64"])
+        .stdout(out.try_clone().unwrap())
+        .stderr(out)
+        .status()
+        .unwrap();
+    assert!(
+        status.success(),
+        "cross/build failed:\n{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    let dir = std::env::var_os("FLOTILLA_CROSS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo().join("target/cross"));
+    dir.join("dist").join(AARCH64).join("flotilla-agent")
+}
+
+/// What an ELF file's header says: machine, and whether it asks for a
+/// dynamic loader or has a dynamic section.
+fn elf_facts(bytes: &[u8]) -> (u16, bool) {
+    assert_eq!(&bytes[..4], b"\x7fELF", "not an ELF file");
+    assert_eq!(bytes[4], 2, "not a 64-bit ELF file");
+    let u16_at = |o: usize| u16::from_le_bytes(bytes[o..o + 2].try_into().unwrap());
+    let u32_at = |o: usize| u32::from_le_bytes(bytes[o..o + 4].try_into().unwrap());
+    let u64_at = |o: usize| u64::from_le_bytes(bytes[o..o + 8].try_into().unwrap());
+    let machine = u16_at(18);
+    let (phoff, phentsize, phnum) = (u64_at(32) as usize, u16_at(54) as usize, u16_at(56));
+    const PT_DYNAMIC: u32 = 2;
+    const PT_INTERP: u32 = 3;
+    let dynamic = (0..phnum as usize)
+        .map(|i| u32_at(phoff + i * phentsize))
+        .any(|t| t == PT_INTERP || t == PT_DYNAMIC);
+    (machine, dynamic)
+}
+
+#[test]
+fn aarch64_agent_runs_under_qemu_user_and_reports_to_a_controller() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent_bin = cross_agent(dir.path());
+
+    let bytes = std::fs::read(&agent_bin).unwrap();
+    let (machine, dynamic) = elf_facts(&bytes);
+    const EM_AARCH64: u16 = 183;
+    assert_eq!(
+        machine,
+        EM_AARCH64,
+        "{} is not an aarch64 binary",
+        agent_bin.display()
+    );
+    assert!(!dynamic, "{} is dynamically linked", agent_bin.display());
+    // The 4 MiB budget is reported by cross/build and bench/footprint, not
+    // enforced here.
+    eprintln!(
+        "aarch64 agent: {} bytes ({:.2} MiB of a 4 MiB budget)",
+        bytes.len(),
+        bytes.len() as f64 / f64::from(1 << 20)
+    );
+
+    let version = Command::new("qemu-aarch64-static")
+        .arg(&agent_bin)
+        .arg("--version")
+        .output()
+        .expect("qemu-aarch64-static (Debian's qemu-user-static) is missing");
+    assert!(version.status.success(), "{version:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&version.stdout).trim(),
+        format!("flotilla-agent {}", env!("CARGO_PKG_VERSION"))
+    );
+
+    let controller = Controller::start(dir.path(), Broker::Embedded(free_port()));
+    let node = unique_node("qemu-arm64");
+    let mut cmd = Command::new("qemu-aarch64-static");
+    cmd.arg(&agent_bin)
+        .arg("--broker")
+        .arg(controller.broker_url())
+        .arg("--node")
+        .arg(&node)
+        .arg("--label")
+        .arg("board=emulated")
+        .arg("--data-dir")
+        .arg(dir.path().join("agent"))
+        .arg("--run-dir")
+        .arg(dir.path().join("run"))
+        .arg("--runtime")
+        .arg("fake")
+        .env("FLOTILLA_LOG", "debug");
+    let agent = Proc::spawn(&mut cmd, dir.path().join("agent.log"));
+    let logs = [controller.proc.log.as_path(), agent.log.as_path()];
+
+    wait_for("the arm64 node to be Ready", T, &logs, || {
+        let n = controller.try_json(&["get", "nodes", &node, "-o", "json"])?;
+        (n["status"] == "Ready" && n["arch"] == "arm64" && n["labels"]["board"] == "emulated")
+            .then_some(())
+    });
+    let out = controller.apply(
+        dir.path(),
+        "apiVersion: flotilla.dev/v1\nkind: Workload\nmetadata:\n  name: on-arm\nspec:\n  \
+         nodeSelector: {board: emulated}\n  containers:\n  - name: main\n    \
+         image: oci:/var/lib/flotilla/images/busybox:latest\n    command: [sleep, '3600']\n",
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let pod = format!("on-arm@{node}");
+    wait_for("the pod to be Running on the arm64 agent", T, &logs, || {
+        let p = controller.pod(&pod)?;
+        (p["phase"] == "Running").then_some(())
+    });
+    let out = controller.cli(&["delete", "workload", "on-arm"]);
+    assert!(out.status.success(), "{out:?}");
+    wait_for("the pod to be gone", T, &logs, || {
+        controller.pod(&pod).is_none().then_some(())
+    });
+}
+
+fn install(root: &Path, args: &[&str], prefix: Option<&str>) -> std::process::Output {
+    let mut cmd = Command::new(repo().join("dist/install.sh"));
+    cmd.args(args).env("DESTDIR", root);
+    if let Some(p) = prefix {
+        cmd.env("PREFIX", p);
+    }
+    cmd.output().unwrap()
+}
+
+#[test]
+fn install_script_puts_binary_unit_and_settings_in_place() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    let agent = bin("flotilla-agent");
+    let agent = agent.to_str().unwrap();
+
+    // Without settings there is nothing to tell the agent where its broker is.
+    let out = install(&root, &["agent", "--bin", agent], None);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("give --broker"),
+        "{out:?}"
+    );
+
+    let out = install(
+        &root,
+        &[
+            "agent",
+            "--bin",
+            agent,
+            "--broker",
+            "mqtt://controller.local:1883",
+            "--node",
+            "shop12-pi",
+            "--label",
+            "site=shop12",
+            "--label",
+            "board=pi4",
+        ],
+        None,
+    );
+    assert!(out.status.success(), "{out:?}");
+    let installed = root.join("usr/local/bin/flotilla-agent");
+    assert_eq!(
+        std::fs::read(&installed).unwrap(),
+        std::fs::read(agent).unwrap()
+    );
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&installed).unwrap().permissions().mode() & 0o777,
+        0o755
+    );
+    let unit =
+        std::fs::read_to_string(root.join("etc/systemd/system/flotilla-agent.service")).unwrap();
+    assert!(
+        unit.contains("\nExecStart=/usr/local/bin/flotilla-agent\n"),
+        "{unit}"
+    );
+    assert!(
+        unit.contains("\nEnvironmentFile=/etc/flotilla/agent.env\n"),
+        "{unit}"
+    );
+    let env = std::fs::read_to_string(root.join("etc/flotilla/agent.env")).unwrap();
+    for line in [
+        "FLOTILLA_BROKER=mqtt://controller.local:1883",
+        "FLOTILLA_NODE=shop12-pi",
+        "FLOTILLA_LABELS=site=shop12,board=pi4",
+        "FLOTILLA_DATA_DIR=/var/lib/flotilla-agent",
+    ] {
+        assert!(
+            env.lines().any(|l| l == line),
+            "{line} missing from:\n{env}"
+        );
+    }
+    // A second install with no settings keeps the settings.
+    let out = install(&root, &["agent", "--bin", agent], None);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        std::fs::read_to_string(root.join("etc/flotilla/agent.env")).unwrap(),
+        env
+    );
+
+    // The controller, under another prefix: the unit follows.
+    let flotilla = bin("flotilla");
+    let out = install(
+        &root,
+        &[
+            "controller",
+            "--bin",
+            flotilla.to_str().unwrap(),
+            "--mqtt-listen",
+            "0.0.0.0:1883",
+        ],
+        Some("/opt/flotilla"),
+    );
+    assert!(out.status.success(), "{out:?}");
+    assert!(root.join("opt/flotilla/bin/flotilla").is_file());
+    let unit = std::fs::read_to_string(root.join("etc/systemd/system/flotilla.service")).unwrap();
+    assert!(
+        unit.contains("\nExecStart=/opt/flotilla/bin/flotilla serve\n"),
+        "{unit}"
+    );
+    let env = std::fs::read_to_string(root.join("etc/flotilla/controller.env")).unwrap();
+    assert!(
+        env.lines()
+            .any(|l| l == "FLOTILLA_MQTT_LISTEN=0.0.0.0:1883"),
+        "{env}"
+    );
+
+    // systemd accepts both units, pointed at binaries that exist here.
+    for (unit, bin) in [
+        ("flotilla-agent.service", agent.to_owned()),
+        ("flotilla.service", flotilla.to_str().unwrap().to_owned()),
+    ] {
+        let text = std::fs::read_to_string(repo().join("dist").join(unit)).unwrap();
+        let text = text
+            .replace("/usr/local/bin/flotilla-agent", &bin)
+            .replace("/usr/local/bin/flotilla", &bin);
+        let path = dir.path().join(unit);
+        std::fs::write(&path, text).unwrap();
+        let out = Command::new("systemd-analyze")
+            .arg("verify")
+            .arg(&path)
+            .output()
+            .expect("systemd-analyze (Debian's systemd) is missing");
+        assert!(
+            out.status.success() && out.stderr.is_empty(),
+            "systemd-analyze verify {unit}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
