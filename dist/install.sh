@@ -2,18 +2,21 @@
 # Installs a Flotilla binary and its systemd unit, then enables and starts it.
 #
 #   install.sh agent [--bin FILE] [--broker mqtt://HOST:PORT] [--node NAME]
-#                    [--label k=v]... [--no-start]
+#                    [--label k=v]... [--join http://CONTROLLER:7470 --token T]
+#                    [--no-start]
 #   install.sh controller [--bin FILE] [--mqtt-listen ADDR:PORT] [--no-start]
 #
 # --bin defaults to the binary next to this script (cross/build puts both in
 # target/cross/dist/<target>/). Settings go to /etc/flotilla/agent.env or
 # controller.env: written when flags are given or the file is missing, kept
-# otherwise. DESTDIR installs into another root (an image being built):
-# nothing is started then. PREFIX (default /usr/local) is where bin/ goes.
+# otherwise. --join enrolls the device (`flotilla-agent join`: its broker
+# credential and the controller's key go to /var/lib/flotilla-agent/identity)
+# before the agent starts. DESTDIR installs into another root (an image being
+# built): nothing is run then. PREFIX (default /usr/local) is where bin/ goes.
 set -eu
 
 usage() {
-  sed -n '3,7p' "$0" | sed 's/^# \{0,1\}//' >&2
+  sed -n '3,8p' "$0" | sed 's/^# \{0,1\}//' >&2
   exit 2
 }
 die() {
@@ -32,7 +35,7 @@ esac
 
 here=$(cd "$(dirname "$0")" && pwd)
 bin=$here/$name
-broker='' node='' labels='' listen='' start=yes settings=no
+broker='' node='' labels='' listen='' join='' token='' start=yes settings=no
 while [ $# -gt 0 ]; do
   case $1 in
     --bin) bin=${2:?--bin needs a file}; shift ;;
@@ -40,12 +43,15 @@ while [ $# -gt 0 ]; do
     --node) node=${2:?--node needs a name}; settings=yes; shift ;;
     --label) labels=${labels:+$labels,}${2:?--label needs key=value}; settings=yes; shift ;;
     --mqtt-listen) listen=${2:?--mqtt-listen needs ADDR:PORT}; settings=yes; shift ;;
+    --join) join=${2:?--join needs http://CONTROLLER:7470}; shift ;;
+    --token) token=${2:?--token needs the token from flotilla token create}; shift ;;
     --no-start) start=no ;;
     *) usage ;;
   esac
   shift
 done
 
+[ -z "$join" ] || [ -n "$token" ] || die "--join needs --token (from \`flotilla token create\`)"
 root=${DESTDIR:-}
 prefix=${PREFIX:-/usr/local}
 [ -f "$bin" ] || die "binary $bin: not found (expected $name built by cross/build, or --bin FILE)"
@@ -76,7 +82,8 @@ if [ "$settings" = yes ] || [ ! -f "$conf" ]; then
       echo "# flotilla-agent settings (README, \"flotilla-agent\"); read by $unit"
       echo "FLOTILLA_BROKER=$broker"
       echo "FLOTILLA_NODE=$node"
-      echo "FLOTILLA_LABELS=$labels"
+      # An empty FLOTILLA_LABELS would be read as one empty label.
+      [ -z "$labels" ] || echo "FLOTILLA_LABELS=$labels"
       echo "FLOTILLA_DATA_DIR=/var/lib/flotilla-agent"
     } >"$conf"
   else
@@ -103,9 +110,17 @@ if [ "$what" = agent ] && [ -z "$root" ]; then
   fi
 fi
 
-if [ -n "$root" ] || [ "$start" = no ]; then
-  exit 0
+[ -n "$root" ] && exit 0
+if [ -n "$join" ]; then
+  # Enrolls with the settings the unit will use.
+  (
+    set -a
+    . "$conf"
+    "$prefix/bin/$name" join --server "$join" --token "$token" --node "$FLOTILLA_NODE" \
+      --data-dir "$FLOTILLA_DATA_DIR"
+  ) || die "joining $join failed"
 fi
+[ "$start" = no ] && exit 0
 if ! command -v systemctl >/dev/null 2>&1 || [ ! -d /run/systemd/system ]; then
   echo "systemd is not running here: start $prefix/bin/$name yourself" >&2
   exit 0

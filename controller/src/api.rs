@@ -3,9 +3,14 @@
 //! | method and path | what |
 //! |---|---|
 //! | `POST /v1/apply` | body: manifests (YAML or JSON, several documents); all or none |
-//! | `GET /v1/nodes[/{name}]` | nodes |
+//! | `GET /v1/nodes[/{name}][?labelSelector=k=v,k2=v2]` | nodes (all labels given must match) |
+//! | `POST /v1/nodes/{name}/labels` | body `{"set": {k: v}, "remove": [k]}`: labels set at the controller |
 //! | `GET /v1/workloads[/{name}]` | workloads |
 //! | `DELETE /v1/workloads/{name}` | delete a workload |
+//! | `GET /v1/workloads/{name}/revisions` | its revisions, oldest first |
+//! | `POST /v1/workloads/{name}/undo` | body `{"toRevision": N}` or `{}` (the one before the newest) |
+//! | `GET /v1/workloads/{name}/rollout` | its rollout: waves, nodes switched, healthy, failed |
+//! | `POST /v1/workloads/{name}/rollout/pause`, `…/resume` | hold or go on |
 //! | `GET /v1/pods[/{name}]` | pods (`{workload}@{node}`) |
 //! | `GET /v1/pods/{name}/logs?container=&tail=&cursor=` | a piece of a container's log, fetched from its node |
 //! | `GET /healthz` | liveness |
@@ -22,7 +27,9 @@ use axum::extract::{DefaultBodyLimit, FromRef, Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use flotilla_proto::{LogCursor, LogsRequest, RpcCall, RpcResult};
+use flotilla_proto::{
+    LogCursor, LogsRequest, RpcCall, RpcResult, check_label_key, check_label_value,
+};
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 
@@ -30,6 +37,7 @@ use crate::control::{Cluster, ControlError, ControlHandle};
 use crate::fleet::Readiness;
 use crate::manifest;
 use crate::mqtt::MqttHandle;
+use crate::rollout::RolloutError;
 use crate::rpc::RpcError;
 use crate::view;
 
@@ -61,11 +69,17 @@ pub fn router(control: ControlHandle, mqtt: MqttHandle) -> Router {
         .route("/v1/apply", post(apply))
         .route("/v1/nodes", get(list_nodes))
         .route("/v1/nodes/{name}", get(get_node))
+        .route("/v1/nodes/{name}/labels", post(label_node))
         .route("/v1/workloads", get(list_workloads))
         .route(
             "/v1/workloads/{name}",
             get(get_workload).delete(delete_workload),
         )
+        .route("/v1/workloads/{name}/revisions", get(revisions))
+        .route("/v1/workloads/{name}/undo", post(undo))
+        .route("/v1/workloads/{name}/rollout", get(rollout_status))
+        .route("/v1/workloads/{name}/rollout/pause", post(rollout_pause))
+        .route("/v1/workloads/{name}/rollout/resume", post(rollout_resume))
         .route("/v1/pods", get(list_pods))
         .route("/v1/pods/{name}", get(get_pod))
         .route("/v1/pods/{name}/logs", get(pod_logs))
@@ -100,6 +114,9 @@ impl From<ControlError> for ApiError {
             ControlError::Stopped => StatusCode::SERVICE_UNAVAILABLE,
             ControlError::TooLarge { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             ControlError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ControlError::NoSuchNode(_) => StatusCode::NOT_FOUND,
+            ControlError::Rollout(RolloutError::NoWorkload(_)) => StatusCode::NOT_FOUND,
+            ControlError::Rollout(_) => StatusCode::UNPROCESSABLE_ENTITY,
         };
         ApiError(status, json!({ "error": e.to_string() }))
     }
@@ -158,8 +175,148 @@ async fn read_one(
     }
 }
 
-async fn list_nodes(State(control): State<ControlHandle>) -> ApiResult {
-    read(&control, |c| json!({ "items": view::nodes(c) })).await
+async fn list_nodes(
+    State(control): State<ControlHandle>,
+    Query(query): Query<HashMap<String, String>>,
+) -> ApiResult {
+    let selector = match query.get("labelSelector") {
+        Some(text) => parse_selector(text).map_err(|e| error(StatusCode::BAD_REQUEST, e))?,
+        None => Vec::new(),
+    };
+    read(&control, move |c| {
+        let items: Vec<Value> = view::nodes(c)
+            .into_iter()
+            .filter(|n| {
+                selector
+                    .iter()
+                    .all(|(k, v)| n["labels"][k.as_str()].as_str() == Some(v.as_str()))
+            })
+            .collect();
+        json!({ "items": items })
+    })
+    .await
+}
+
+/// `k=v,k2=v2`: every pair must match.
+fn parse_selector(text: &str) -> Result<Vec<(String, String)>, String> {
+    text.split(',')
+        .filter(|p| !p.is_empty())
+        .map(|pair| {
+            let (k, v) = pair
+                .split_once('=')
+                .ok_or_else(|| format!("label selector {pair:?}: expected key=value"))?;
+            check_label_key(k).map_err(|e| format!("label selector key {k:?}: {e}"))?;
+            check_label_value(v).map_err(|e| format!("label selector value {v:?}: {e}"))?;
+            Ok((k.to_owned(), v.to_owned()))
+        })
+        .collect()
+}
+
+/// Most labels one request may set or remove.
+const MAX_LABEL_CHANGES: usize = 64;
+
+async fn label_node(
+    State(control): State<ControlHandle>,
+    Path(name): Path<String>,
+    body: String,
+) -> ApiResult {
+    let bad = |m: String| error(StatusCode::UNPROCESSABLE_ENTITY, m);
+    let body: Value = serde_json::from_str(&body)
+        .map_err(|e| bad(format!("labels: the body is not JSON: {e}")))?;
+    let mut set = std::collections::BTreeMap::new();
+    let mut remove = Vec::new();
+    if let Some(map) = body.get("set") {
+        let map = map
+            .as_object()
+            .ok_or_else(|| bad("labels: set: expected an object of strings".into()))?;
+        for (k, v) in map {
+            let v = v
+                .as_str()
+                .ok_or_else(|| bad(format!("labels: set.{k}: expected a string")))?;
+            check_label_key(k).map_err(|e| bad(format!("label key {k:?}: {e}")))?;
+            check_label_value(v).map_err(|e| bad(format!("label value {v:?}: {e}")))?;
+            set.insert(k.clone(), v.to_owned());
+        }
+    }
+    if let Some(list) = body.get("remove") {
+        let list = list
+            .as_array()
+            .ok_or_else(|| bad("labels: remove: expected a list of keys".into()))?;
+        for k in list {
+            let k = k
+                .as_str()
+                .ok_or_else(|| bad("labels: remove: expected a list of keys".into()))?;
+            check_label_key(k).map_err(|e| bad(format!("label key {k:?}: {e}")))?;
+            remove.push(k.to_owned());
+        }
+    }
+    if set.len() + remove.len() > MAX_LABEL_CHANGES {
+        return Err(bad(format!(
+            "labels: at most {MAX_LABEL_CHANGES} changes in one request"
+        )));
+    }
+    let labels = control.label(name.clone(), set, remove).await?;
+    Ok(axum::Json(
+        json!({ "node": name, "controllerLabels": labels }),
+    ))
+}
+
+async fn revisions(State(control): State<ControlHandle>, Path(name): Path<String>) -> ApiResult {
+    read_one(&control, "workload", name, view::revisions).await
+}
+
+async fn undo(
+    State(control): State<ControlHandle>,
+    Path(name): Path<String>,
+    body: String,
+) -> ApiResult {
+    let bad = |m: String| error(StatusCode::UNPROCESSABLE_ENTITY, m);
+    let body: Value = if body.trim().is_empty() {
+        json!({})
+    } else {
+        serde_json::from_str(&body).map_err(|e| bad(format!("undo: the body is not JSON: {e}")))?
+    };
+    let to = match &body["toRevision"] {
+        Value::Null => None,
+        v => Some(
+            v.as_u64()
+                .ok_or_else(|| bad("undo: toRevision: expected a positive whole number".into()))?,
+        ),
+    };
+    let (applied, revision) = control.undo(name.clone(), to).await?;
+    Ok(axum::Json(
+        json!({ "workload": name, "result": applied.as_str(), "revision": revision }),
+    ))
+}
+
+async fn rollout_status(
+    State(control): State<ControlHandle>,
+    Path(name): Path<String>,
+) -> ApiResult {
+    let key = name.clone();
+    match control.read(move |c| view::rollout(c, &key)).await? {
+        Some(v) => Ok(axum::Json(v)),
+        None => Err(error(
+            StatusCode::NOT_FOUND,
+            format!("workload \"{name}\" has no rollout"),
+        )),
+    }
+}
+
+async fn rollout_pause(
+    State(control): State<ControlHandle>,
+    Path(name): Path<String>,
+) -> ApiResult {
+    control.hold(name.clone(), true).await?;
+    Ok(axum::Json(json!({ "workload": name, "result": "paused" })))
+}
+
+async fn rollout_resume(
+    State(control): State<ControlHandle>,
+    Path(name): Path<String>,
+) -> ApiResult {
+    control.hold(name.clone(), false).await?;
+    Ok(axum::Json(json!({ "workload": name, "result": "resumed" })))
 }
 
 async fn get_node(State(control): State<ControlHandle>, Path(name): Path<String>) -> ApiResult {
@@ -211,9 +368,14 @@ fn log_target(c: &Cluster, name: &str) -> Option<LogTarget> {
     let desired = c
         .desired
         .get(node_name)
-        .and_then(|d| d.pods.iter().find(|p| p.workload == workload))
+        .and_then(|d| d.pods.iter().find(|p| p.workload() == workload))
         .map(|p| {
-            let names = p.containers.iter().map(|c| c.name.clone()).collect();
+            let names = p
+                .template
+                .containers
+                .iter()
+                .map(|c| c.name.clone())
+                .collect();
             (p.name.clone(), names)
         });
     let reported = || {

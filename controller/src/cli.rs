@@ -127,11 +127,26 @@ pub fn apply(client: &Client, files: &[String]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `flotilla get KIND [NAME] [-o FORMAT]`.
-pub fn get(client: &Client, kind: Kind, name: Option<&str>, format: Format) -> anyhow::Result<()> {
-    let value = match name {
-        Some(name) => client.call("GET", &format!("/v1/{}/{name}", kind.path()), None)?,
-        None => client.call("GET", &format!("/v1/{}", kind.path()), None)?,
+/// `flotilla get KIND [NAME] [-l k=v[,k2=v2]] [-o FORMAT]`; the label
+/// selector applies to nodes only.
+pub fn get(
+    client: &Client,
+    kind: Kind,
+    name: Option<&str>,
+    selector: Option<&str>,
+    format: Format,
+) -> anyhow::Result<()> {
+    if selector.is_some() && (kind != Kind::Node || name.is_some()) {
+        bail!("-l selects among nodes: use it with `get nodes` and no name");
+    }
+    let value = match (name, selector) {
+        (Some(name), _) => client.call("GET", &format!("/v1/{}/{name}", kind.path()), None)?,
+        (None, Some(sel)) => client.call(
+            "GET",
+            &format!("/v1/{}?labelSelector={}", kind.path(), escape(sel)),
+            None,
+        )?,
+        (None, None) => client.call("GET", &format!("/v1/{}", kind.path()), None)?,
     };
     let items: Vec<Value> = match name {
         Some(_) => vec![value.clone()],
@@ -177,6 +192,113 @@ pub fn delete(client: &Client, kind: Kind, name: &str) -> anyhow::Result<()> {
     client.call("DELETE", &format!("/v1/{}/{name}", kind.path()), None)?;
     println!("{}/{name} deleted", kind.singular());
     Ok(())
+}
+
+/// `flotilla label node NAME k=v… k-…`: sets (`k=v`) and removes (`k-`)
+/// labels kept at the controller, over the agent's own.
+pub fn label(client: &Client, kind: Kind, name: &str, changes: &[String]) -> anyhow::Result<()> {
+    if kind != Kind::Node {
+        bail!("only nodes can be labelled");
+    }
+    let mut set = serde_json::Map::new();
+    let mut remove = Vec::new();
+    for change in changes {
+        match (change.split_once('='), change.strip_suffix('-')) {
+            (Some((k, v)), _) => {
+                set.insert(k.to_owned(), Value::String(v.to_owned()));
+            }
+            (None, Some(k)) => remove.push(Value::String(k.to_owned())),
+            (None, None) => bail!("{change:?}: expected key=value to set or key- to remove"),
+        }
+    }
+    let body = serde_json::json!({"set": set, "remove": remove}).to_string();
+    let path = format!("/v1/nodes/{}/labels", escape(name));
+    let answer = client.call("POST", &path, Some(body))?;
+    println!(
+        "node/{name} labelled ({})",
+        output::labels(&answer["controllerLabels"])
+    );
+    Ok(())
+}
+
+/// `flotilla rollout history WORKLOAD`.
+pub fn rollout_history(client: &Client, workload: &str) -> anyhow::Result<()> {
+    let path = format!("/v1/workloads/{}/revisions", escape(workload));
+    let answer = client.call("GET", &path, None)?;
+    let items = answer["items"].as_array().cloned().unwrap_or_default();
+    if items.is_empty() {
+        eprintln!("No revisions of workload {workload}.");
+        return Ok(());
+    }
+    print!("{}", output::revisions_table(&items));
+    Ok(())
+}
+
+/// `flotilla rollout undo WORKLOAD [--to-revision N]`.
+pub fn rollout_undo(client: &Client, workload: &str, to: Option<u64>) -> anyhow::Result<()> {
+    let body = match to {
+        Some(n) => serde_json::json!({ "toRevision": n }),
+        None => serde_json::json!({}),
+    };
+    let path = format!("/v1/workloads/{}/undo", escape(workload));
+    let answer = client.call("POST", &path, Some(body.to_string()))?;
+    match answer["result"].as_str() {
+        Some("unchanged") => println!(
+            "workload/{workload} unchanged (revision {} already runs those pods)",
+            answer["revision"]
+        ),
+        _ => println!(
+            "workload/{workload} rolled back (now revision {})",
+            answer["revision"]
+        ),
+    }
+    Ok(())
+}
+
+/// `flotilla rollout pause|resume WORKLOAD`.
+pub fn rollout_hold(client: &Client, workload: &str, pause: bool) -> anyhow::Result<()> {
+    let verb = if pause { "pause" } else { "resume" };
+    let path = format!("/v1/workloads/{}/rollout/{verb}", escape(workload));
+    let answer = client.call("POST", &path, Some(String::new()))?;
+    let result = answer["result"].as_str().unwrap_or_default();
+    println!("workload/{workload} rollout {result}");
+    Ok(())
+}
+
+/// `flotilla rollout status WORKLOAD [--watch] [-o json|yaml]`: a progress bar; `--watch`
+/// prints a new one on every change until the rollout ends, and fails when
+/// it was rolled back.
+pub fn rollout_status(
+    client: &Client,
+    workload: &str,
+    watch: bool,
+    format: Format,
+) -> anyhow::Result<()> {
+    let path = format!("/v1/workloads/{}/rollout", escape(workload));
+    let mut last = String::new();
+    loop {
+        let answer = client.call("GET", &path, None)?;
+        let text = match format {
+            Format::Json => format!("{}\n", serde_json::to_string_pretty(&answer)?),
+            Format::Yaml => serde_norway::to_string(&answer)?,
+            Format::Table | Format::Wide => output::rollout_status(&answer),
+        };
+        if text != last {
+            print!("{text}");
+            std::io::stdout()
+                .flush()
+                .context("writing to standard output")?;
+            last = text;
+        }
+        let phase = answer["phase"].as_str().unwrap_or_default();
+        if !watch || !matches!(phase, "Progressing" | "Paused") {
+            if watch && phase == "RolledBack" {
+                bail!("rollout of {workload} was rolled back");
+            }
+            return Ok(());
+        }
+        std::thread::sleep(FOLLOW_EVERY);
+    }
 }
 
 /// How often `logs -f` asks for new output.

@@ -45,6 +45,11 @@ pub struct Node {
     pub last_seen_ms: u64,
     /// NotReady because nothing was heard for too long, not because it said so.
     expired: bool,
+    /// When it last became NotReady (ms since the epoch); the scheduler moves
+    /// replicas off a node NotReady for longer than their toleration.
+    pub not_ready_since_ms: Option<u64>,
+    /// Labels set at the controller (`flotilla label node`), over the agent's.
+    pub controller_labels: BTreeMap<String, String>,
 }
 
 impl Node {
@@ -54,6 +59,29 @@ impl Node {
             status: None,
             last_seen_ms: 0,
             expired: false,
+            not_ready_since_ms: None,
+            controller_labels: BTreeMap::new(),
+        }
+    }
+
+    fn set_readiness(&mut self, readiness: Readiness, now_ms: u64) {
+        if readiness == Readiness::NotReady {
+            if self.readiness != Readiness::NotReady {
+                self.not_ready_since_ms = Some(now_ms);
+            }
+        } else {
+            self.not_ready_since_ms = None;
+        }
+        self.readiness = readiness;
+    }
+
+    /// The condition the scheduler sees.
+    pub fn condition(&self) -> crate::scheduler::Condition {
+        use crate::scheduler::Condition;
+        match (self.readiness, self.not_ready_since_ms) {
+            (Readiness::Ready, _) => Condition::Ready,
+            (Readiness::NotReady, Some(since_ms)) => Condition::NotReady { since_ms },
+            _ => Condition::Unknown,
         }
     }
 
@@ -63,13 +91,21 @@ impl Node {
         self.expired
     }
 
-    /// The labels its agent reported, as a map.
+    /// Its labels: those its agent reported, with those set at the
+    /// controller over them.
     pub fn labels(&self) -> BTreeMap<String, String> {
-        self.status
+        let mut out: BTreeMap<String, String> = self
+            .status
             .iter()
             .flat_map(|s| &s.info.labels)
             .map(|l| (l.key.clone(), l.value.clone()))
-            .collect()
+            .collect();
+        out.extend(
+            self.controller_labels
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone())),
+        );
+        out
     }
 }
 
@@ -135,7 +171,7 @@ impl Fleet {
         // (its retained status is replayed after it on every reconnect).
         if node.expired {
             node.expired = false;
-            node.readiness = Readiness::Ready;
+            node.set_readiness(Readiness::Ready, now_ms);
         }
         if relabelled {
             StatusOutcome::Relabelled
@@ -144,13 +180,21 @@ impl Fleet {
         }
     }
 
+    /// Sets the controller's labels of a node (restored from the store, or
+    /// changed by `flotilla label node`), creating its record if needed.
+    pub fn set_controller_labels(&mut self, name: &str, labels: BTreeMap<String, String>) {
+        let node = self.nodes.entry(name.to_string()).or_insert_with(Node::new);
+        node.controller_labels = labels;
+    }
+
     /// Applies a presence message.
     pub fn ingest_presence(&mut self, name: &str, presence: &Presence, now_ms: u64) {
         let node = self.nodes.entry(name.to_string()).or_insert_with(Node::new);
-        node.readiness = match presence {
+        let readiness = match presence {
             Presence::Online { .. } => Readiness::Ready,
             Presence::Offline => Readiness::NotReady,
         };
+        node.set_readiness(readiness, now_ms);
         node.expired = false;
         node.last_seen_ms = now_ms;
     }
@@ -164,7 +208,7 @@ impl Fleet {
             if node.readiness == Readiness::Ready
                 && now_ms.saturating_sub(node.last_seen_ms) > timeout_ms
             {
-                node.readiness = Readiness::NotReady;
+                node.set_readiness(Readiness::NotReady, now_ms);
                 node.expired = true;
                 out.push(name.clone());
             }

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use flotilla_controller::cli::{self, Client, Kind, LogsOptions};
+use flotilla_controller::identity;
 use flotilla_controller::output::Format;
 use flotilla_controller::serve::{self, BrokerChoice, ServeConfig};
 use flotilla_controller::up::{self, UpConfig};
@@ -54,6 +55,9 @@ enum Command {
         kind: String,
         /// Only this one.
         name: Option<String>,
+        /// Only nodes with all these labels, `key=value[,key2=value2]`.
+        #[arg(short = 'l', long = "selector")]
+        selector: Option<String>,
         /// Output format: wide, json or yaml.
         #[arg(short = 'o', long = "output")]
         output: Option<String>,
@@ -78,6 +82,33 @@ enum Command {
         #[command(flatten)]
         server: ServerArg,
     },
+    /// A workload's revisions: `rollout history`, `rollout undo`.
+    Rollout {
+        #[command(subcommand)]
+        command: RolloutCommand,
+    },
+    /// Set (`key=value`) or remove (`key-`) labels of a node at the controller.
+    Label {
+        /// node
+        kind: String,
+        /// The node's name.
+        name: String,
+        /// `key=value` to set, `key-` to remove.
+        #[arg(required = true)]
+        changes: Vec<String>,
+        #[command(flatten)]
+        server: ServerArg,
+    },
+    /// Join tokens for enrolling devices (`token create`).
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+    /// Node administration (`node revoke NAME`).
+    Node {
+        #[command(subcommand)]
+        command: NodeCommand,
+    },
     /// Print a container's log, fetched from its node.
     Logs {
         /// The pod (WORKLOAD@NODE).
@@ -91,6 +122,83 @@ enum Command {
         /// Keep printing new output.
         #[arg(short = 'f', long)]
         follow: bool,
+        #[command(flatten)]
+        server: ServerArg,
+    },
+}
+
+#[derive(Subcommand)]
+enum RolloutCommand {
+    /// List a workload's revisions (the current one marked `*`).
+    History {
+        /// The workload.
+        workload: String,
+        #[command(flatten)]
+        server: ServerArg,
+    },
+    /// Show a rollout's progress; `--watch` follows it to the end.
+    Status {
+        /// The workload.
+        workload: String,
+        /// Keep printing progress until the rollout ends (fails if it was rolled back).
+        #[arg(short = 'w', long)]
+        watch: bool,
+        /// Output format: json or yaml (default: a progress bar).
+        #[arg(short = 'o', long = "output")]
+        output: Option<String>,
+        #[command(flatten)]
+        server: ServerArg,
+    },
+    /// Hold a rollout: no more nodes switch until `resume`.
+    Pause {
+        /// The workload.
+        workload: String,
+        #[command(flatten)]
+        server: ServerArg,
+    },
+    /// Let a paused rollout go on.
+    Resume {
+        /// The workload.
+        workload: String,
+        #[command(flatten)]
+        server: ServerArg,
+    },
+    /// Run the pods of an earlier revision again, as a new revision.
+    Undo {
+        /// The workload.
+        workload: String,
+        /// The revision to go back to (default: the one before the current).
+        #[arg(long)]
+        to_revision: Option<u64>,
+        #[command(flatten)]
+        server: ServerArg,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Print a new join token for `flotilla-agent join`.
+    Create {
+        /// How long it can be used (`30m`, `24h`).
+        #[arg(long, default_value = "24h", value_parser = parse_duration)]
+        ttl: Duration,
+        /// How many devices can join with it.
+        #[arg(long, default_value_t = 1)]
+        uses: u32,
+        /// Labels given to the nodes that join with it, `key=value`.
+        #[arg(long = "labels", value_delimiter = ',')]
+        labels: Vec<String>,
+        #[command(flatten)]
+        server: ServerArg,
+    },
+}
+
+#[derive(Subcommand)]
+enum NodeCommand {
+    /// Refuse the node's credential from now on.
+    Revoke {
+        /// The node.
+        name: String,
         #[command(flatten)]
         server: ServerArg,
     },
@@ -129,6 +237,10 @@ struct ServeArgs {
     /// will (`90s`, `75m`, `2h`); keep it above the agents' --resync (30m).
     #[arg(long, env = "FLOTILLA_NODE_TIMEOUT", default_value = "75m", value_parser = parse_duration)]
     node_timeout: Duration,
+    /// Let clients without credentials use the embedded broker, with every
+    /// right (enrolled devices are still held to their own topics).
+    #[arg(long, env = "FLOTILLA_ALLOW_ANONYMOUS")]
+    allow_anonymous: bool,
 }
 
 /// Parses `500ms`, `30s`, `5m`, `1h`, or a bare number of seconds; not zero.
@@ -173,6 +285,7 @@ impl ServeArgs {
             broker,
             topics: Topics::new(&self.topic_prefix),
             node_timeout: self.node_timeout,
+            allow_anonymous: self.allow_anonymous,
         })
     }
 }
@@ -225,13 +338,57 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Get {
             kind,
             name,
+            selector,
             output,
             server,
         } => cli::get(
             &Client::new(&server.server),
             Kind::parse(&kind)?,
             name.as_deref(),
+            selector.as_deref(),
             Format::parse(output.as_deref())?,
+        ),
+        Command::Rollout {
+            command: RolloutCommand::History { workload, server },
+        } => cli::rollout_history(&Client::new(&server.server), &workload),
+        Command::Rollout {
+            command:
+                RolloutCommand::Status {
+                    workload,
+                    watch,
+                    output,
+                    server,
+                },
+        } => cli::rollout_status(
+            &Client::new(&server.server),
+            &workload,
+            watch,
+            Format::parse(output.as_deref())?,
+        ),
+        Command::Rollout {
+            command: RolloutCommand::Pause { workload, server },
+        } => cli::rollout_hold(&Client::new(&server.server), &workload, true),
+        Command::Rollout {
+            command: RolloutCommand::Resume { workload, server },
+        } => cli::rollout_hold(&Client::new(&server.server), &workload, false),
+        Command::Rollout {
+            command:
+                RolloutCommand::Undo {
+                    workload,
+                    to_revision,
+                    server,
+                },
+        } => cli::rollout_undo(&Client::new(&server.server), &workload, to_revision),
+        Command::Label {
+            kind,
+            name,
+            changes,
+            server,
+        } => cli::label(
+            &Client::new(&server.server),
+            Kind::parse(&kind)?,
+            &name,
+            &changes,
         ),
         Command::Describe { kind, name, server } => {
             cli::describe(&Client::new(&server.server), Kind::parse(&kind)?, &name)
@@ -239,6 +396,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Delete { kind, name, server } => {
             cli::delete(&Client::new(&server.server), Kind::parse(&kind)?, &name)
         }
+        Command::Token {
+            command:
+                TokenCommand::Create {
+                    ttl,
+                    uses,
+                    labels,
+                    server,
+                },
+        } => identity::cli::create_token(&server.server, ttl, uses, &labels),
+        Command::Node {
+            command: NodeCommand::Revoke { name, server },
+        } => identity::cli::revoke(&server.server, &name),
         Command::Logs {
             pod,
             container,

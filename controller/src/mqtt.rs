@@ -1,10 +1,11 @@
 //! The controller's MQTT session — the only module that touches rumqttc.
 //! It subscribes to every node's status and presence, hands what arrives to
-//! the control loop as raw frames, and publishes desired state retained. It
+//! the control loop as raw frames, and publishes desired state signed and retained. It
 //! also carries requests to agents (`rpc/req`, QoS 1, not retained) and
 //! hands their responses (`…/node/+/rpc/res`) straight to the pending
 //! requests of [`Rpc`], not through the control loop.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use flotilla_proto::{RpcCall, RpcResult, TopicKind, Topics};
@@ -13,13 +14,15 @@ use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::identity::SigningKey;
+use crate::identity::signing::SigningError;
 use crate::rpc::{Rpc, RpcError};
 
 /// Largest MQTT packet accepted or sent (a desired state is at most 1 MiB).
 const MAX_PACKET: usize = 2 * 1024 * 1024;
 
 /// Where the broker is and how to talk to it.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct MqttConfig {
     /// Broker host.
     pub host: String,
@@ -31,6 +34,11 @@ pub struct MqttConfig {
     pub topics: Topics,
     /// Keepalive interval.
     pub keepalive: Duration,
+    /// Signs every desired state published.
+    pub signer: Arc<SigningKey>,
+    /// Username and password for the broker (the embedded one's controller
+    /// credential), if it wants them.
+    pub credentials: Option<(String, String)>,
 }
 
 /// What the session hands to the control loop.
@@ -50,6 +58,9 @@ pub enum MqttError {
     /// The session's request queue is closed (the session stopped).
     #[error("mqtt session stopped: {0}")]
     Closed(#[from] rumqttc::ClientError),
+    /// The desired state could not be signed into a frame.
+    #[error("signing desired state: {0}")]
+    Sign(#[from] SigningError),
 }
 
 /// Handle for publishing.
@@ -58,12 +69,14 @@ pub struct MqttHandle {
     client: AsyncClient,
     topics: Topics,
     rpc: Rpc,
+    signer: Arc<SigningKey>,
 }
 
 impl MqttHandle {
-    /// Publishes a node's desired-state frame, retained, QoS 1. Waits while
-    /// the outgoing queue is full rather than dropping.
+    /// Publishes a node's desired-state frame, signed, retained, QoS 1.
+    /// Waits while the outgoing queue is full rather than dropping.
     pub async fn publish_desired(&self, node: &str, frame: Vec<u8>) -> Result<(), MqttError> {
+        let frame = self.signer.sign_desired(frame)?;
         self.client
             .publish(self.topics.desired(node), QoS::AtLeastOnce, true, frame)
             .await?;
@@ -97,6 +110,9 @@ pub fn start(
 ) -> (MqttHandle, impl std::future::Future<Output = ()>) {
     let mut options = MqttOptions::new(config.client_id.clone(), config.host.clone(), config.port);
     options.set_keep_alive(config.keepalive);
+    if let Some((username, password)) = &config.credentials {
+        options.set_credentials(username.clone(), password.clone());
+    }
     // A clean session: on every connect the controller subscribes afresh and
     // the broker replays every retained status and presence, so the control
     // loop rebuilds its view of the fleet from what the broker holds.
@@ -114,6 +130,7 @@ pub fn start(
         client: client.clone(),
         topics: config.topics.clone(),
         rpc: rpc.clone(),
+        signer: Arc::clone(&config.signer),
     };
     let task = async move {
         tokio::select! {

@@ -92,7 +92,8 @@ fn duration(secs: u64) -> String {
     }
 }
 
-fn labels(v: &Value) -> String {
+/// Labels as `k=v,k2=v2`, `<none>` when there are none.
+pub fn labels(v: &Value) -> String {
     let pairs: Vec<String> = v
         .as_object()
         .into_iter()
@@ -216,6 +217,62 @@ pub fn workloads_table(items: &[Value], wide: bool) -> String {
     table(&header, rows)
 }
 
+/// `rollout history`: one row per revision, the current one marked.
+pub fn revisions_table(items: &[Value]) -> String {
+    let rows = items
+        .iter()
+        .map(|r| {
+            let images: Vec<String> = r["images"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(s)
+                .collect();
+            let mark = if r["current"] == true { " *" } else { "" };
+            vec![
+                format!("{}{mark}", r["revision"]),
+                age(r["createdMs"].as_u64().unwrap_or(0)),
+                s(&r["cause"]),
+                images.join(","),
+            ]
+        })
+        .collect();
+    table(&["REVISION", "AGE", "CAUSE", "IMAGES"], rows)
+}
+
+/// `rollout status`: the phase, then a bar of the nodes switched (`#`
+/// healthy, `+` switched, `x` failed, `-` not yet), then failures.
+pub fn rollout_status(r: &Value) -> String {
+    const WIDTH: usize = 30;
+    let count = |key: &str| r[key].as_array().map_or(0, Vec::len);
+    let failed = r["failed"].as_object().map_or(0, serde_json::Map::len);
+    let total = r["nodes"].as_u64().unwrap_or(0) as usize;
+    let (switched, healthy) = (count("switched"), count("healthy"));
+    let cells = |n: usize| (n * WIDTH).checked_div(total).unwrap_or(0);
+    let (h, f) = (cells(healthy), cells(failed));
+    let sw = cells(switched).max(h + f);
+    let bar = format!(
+        "{}{}{}{}",
+        "#".repeat(h),
+        "x".repeat(f),
+        "+".repeat(sw - h - f),
+        "-".repeat(WIDTH.saturating_sub(sw))
+    );
+    let mut out = format!(
+        "rollout of {}: revision {} -> {}, {}, wave {}/{}\n[{bar}] {switched}/{total} nodes switched, {healthy} healthy, {failed} failed\n",
+        s(&r["workload"]),
+        r["from"],
+        r["to"],
+        s(&r["phase"]),
+        r["wave"],
+        count("waves").max(1),
+    );
+    for (node, why) in r["failed"].as_object().into_iter().flatten() {
+        let _ = writeln!(out, "  {node}: {}", s(why));
+    }
+    out
+}
+
 /// `get pods`.
 pub fn pods_table(items: &[Value], wide: bool) -> String {
     let mut header = vec!["NAME", "NODE", "PHASE", "READY", "RESTARTS"];
@@ -334,6 +391,16 @@ pub fn describe_node(n: &Value) -> String {
         s(&n["cpus"]),
         bytes(&n["memoryBytes"])
     );
+    let alloc = &n["allocatable"];
+    if !alloc.is_null() {
+        let cpu = alloc["cpuMillis"].as_u64().unwrap_or(0);
+        let _ = writeln!(
+            out,
+            "Allocatable:   {} cpus, {} memory",
+            crate::manifest::format_cpu(u32::try_from(cpu).unwrap_or(u32::MAX)),
+            bytes(&alloc["memoryBytes"])
+        );
+    }
     let health = &n["health"];
     if health.is_null() {
         let _ = writeln!(out, "Health:        <not reported>");
@@ -379,6 +446,13 @@ pub fn describe_workload(w: &Value) -> anyhow::Result<String> {
     let mut out = String::new();
     let _ = writeln!(out, "Name:     {}", s(&w["name"]));
     let _ = writeln!(out, "Running:  {}/{}", w["runningPods"], w["desiredPods"]);
+    let _ = writeln!(out, "Placement: {}", s(&w["placement"]));
+    if !w["revision"].is_null() {
+        let _ = writeln!(out, "Revision: {}", w["revision"]);
+    }
+    if let Some(reason) = w["unschedulable"].as_str() {
+        let _ = writeln!(out, "Unschedulable: {reason}");
+    }
     let _ = writeln!(out, "Manifest:");
     for line in serde_norway::to_string(&w["manifest"])?.lines() {
         let _ = writeln!(out, "  {line}");
@@ -453,5 +527,21 @@ mod tests {
             {"name": "a", "state": "Running"},
             {"name": "b", "state": "Waiting", "reason": "ImageNotFound", "message": "no such layout"}]});
         assert_eq!(pod_message(&p), "b: ImageNotFound: no such layout");
+    }
+
+    #[test]
+    fn rollout_status_draws_the_nodes() {
+        let r = json!({
+            "workload": "web", "from": 1, "to": 2, "phase": "Progressing",
+            "wave": 2, "waves": [1, 3, 6], "nodes": 6,
+            "switched": ["a", "b", "c"], "healthy": ["a"],
+            "failed": {"b": "container main exited with 1"},
+        });
+        assert_eq!(
+            rollout_status(&r),
+            "rollout of web: revision 1 -> 2, Progressing, wave 2/3\n\
+             [#####xxxxx+++++---------------] 3/6 nodes switched, 1 healthy, 1 failed\n  \
+             b: container main exited with 1\n"
+        );
     }
 }

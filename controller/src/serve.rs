@@ -14,8 +14,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::broker::{BrokerConfig, EmbeddedBroker};
+use crate::identity::{CONTROLLER_USERNAME, Identity, SigningKey};
 use crate::store::Store;
-use crate::{api, control, mqtt};
+use crate::{api, control, identity, mqtt};
 
 /// Which MQTT broker the controller uses.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -39,6 +40,9 @@ pub struct ServeConfig {
     pub topics: Topics,
     /// A node not heard from for this long is marked NotReady.
     pub node_timeout: Duration,
+    /// The embedded broker also admits clients without credentials (with
+    /// every right, as before device identity): quick starts and old agents.
+    pub allow_anonymous: bool,
 }
 
 /// Parses `mqtt://host:port` (port defaults to 1883).
@@ -79,12 +83,26 @@ pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> anyhow::Re
     let store_path = config.data_dir.join("store.redb");
     let store = tokio::task::spawn_blocking(move || Store::open(&store_path)).await??;
     let store = Arc::new(store);
+    let (signer, identity) = {
+        let dir = config.data_dir.clone();
+        let allow_anonymous = config.allow_anonymous;
+        tokio::task::spawn_blocking(move || {
+            let signer = SigningKey::load_or_create(&dir).context("desired-state signing key")?;
+            let identity =
+                Identity::open(&dir, allow_anonymous).context("opening the identity store")?;
+            anyhow::Ok((Arc::new(signer), identity))
+        })
+        .await??
+    };
+    tracing::info!(key = %signer.public_base64(), "desired state signed with this key");
 
     let (broker, host, port) = match &config.broker {
         BrokerChoice::Embedded { listen } => {
             let listen = *listen;
+            let identity = Arc::clone(&identity);
+            let topics = config.topics.clone();
             let broker = tokio::task::spawn_blocking(move || {
-                EmbeddedBroker::start(BrokerConfig::new(listen))
+                EmbeddedBroker::start_with_identity(BrokerConfig::new(listen), identity, topics)
             })
             .await?
             .context("starting the embedded broker")?;
@@ -100,11 +118,31 @@ pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> anyhow::Re
         BrokerChoice::External { host, port } => (None, host.clone(), *port),
     };
 
-    let result = run_services(&config, store, host, port, shutdown).await;
+    // The controller's own credential exists only for the embedded broker;
+    // an external one is configured on its own.
+    let credentials = broker.as_ref().map(|_| {
+        (
+            CONTROLLER_USERNAME.to_owned(),
+            identity.controller_password().to_owned(),
+        )
+    });
+    let trust = Trust {
+        signer,
+        identity,
+        credentials,
+    };
+    let result = run_services(&config, store, host, port, trust, shutdown).await;
     if let Some(broker) = broker {
         tokio::task::spawn_blocking(move || broker.shutdown()).await?;
     }
     result
+}
+
+/// The controller's keys and the fleet's identities.
+struct Trust {
+    signer: Arc<SigningKey>,
+    identity: Arc<Identity>,
+    credentials: Option<(String, String)>,
 }
 
 async fn run_services(
@@ -112,6 +150,7 @@ async fn run_services(
     store: Arc<Store>,
     host: String,
     port: u16,
+    trust: Trust,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let tracker = TaskTracker::new();
@@ -128,6 +167,8 @@ async fn run_services(
         client_id: format!("flotilla-controller-{}", std::process::id()),
         topics: config.topics.clone(),
         keepalive: Duration::from_secs(30),
+        signer: Arc::clone(&trust.signer),
+        credentials: trust.credentials,
     };
     let (mqtt, mqtt_task) = mqtt::start(mqtt_config, incoming_tx, stop.clone());
     let (control, control_task) = control::start(
@@ -146,9 +187,12 @@ async fn run_services(
     tracker.spawn(mqtt_task);
     tracker.spawn(control_task);
     let api_stop = stop.clone();
-    let api = tracker.spawn(api::serve(listener, control, mqtt, async move {
-        api_stop.cancelled().await
-    }));
+    let app = api::router(control, mqtt).merge(identity::api::router(trust.identity, trust.signer));
+    let api = tracker.spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move { api_stop.cancelled().await })
+            .await
+    });
     tracker.close();
 
     let api_result = tokio::select! {

@@ -8,10 +8,13 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use flotilla_proto::{DesiredState, NodeStatus, decode, encode};
+use flotilla_proto::{
+    DesiredState, NodeStatus, check_label_key, check_label_value, decode, encode,
+};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
 use crate::manifest::{self, Workload};
+use crate::rollout::{Revision, Rollout};
 
 /// Page cache of the store file.
 const CACHE_BYTES: usize = 16 * 1024 * 1024;
@@ -24,6 +27,13 @@ const DESIRED: TableDefinition<&str, &[u8]> = TableDefinition::new("desired");
 const STATUS: TableDefinition<&str, &[u8]> = TableDefinition::new("status");
 /// Node name → last time (ms since the epoch, controller clock) it was heard from.
 const LAST_SEEN: TableDefinition<&str, u64> = TableDefinition::new("last_seen");
+/// (Workload, revision number) → `{"createdMs", "cause", "manifest"}` as JSON
+/// text, the manifest canonical.
+const REVISIONS: TableDefinition<(&str, u64), &str> = TableDefinition::new("revisions");
+/// Workload → its rollout (`Rollout::to_json`), running or the last one.
+const ROLLOUTS: TableDefinition<&str, &str> = TableDefinition::new("rollouts");
+/// Node name → labels set at the controller, as a JSON object of strings.
+const NODE_LABELS: TableDefinition<&str, &str> = TableDefinition::new("node_labels");
 
 /// Errors from the store. Each names what was being read or written.
 #[derive(Debug, thiserror::Error)]
@@ -63,6 +73,12 @@ pub struct Snapshot {
     pub status: BTreeMap<String, NodeStatus>,
     /// Last time each node was heard from.
     pub last_seen: BTreeMap<String, u64>,
+    /// Labels set at the controller, per node.
+    pub node_labels: BTreeMap<String, BTreeMap<String, String>>,
+    /// Every kept revision of every workload.
+    pub revisions: Vec<Revision>,
+    /// Each workload's rollout.
+    pub rollouts: Vec<Rollout>,
 }
 
 /// A batch of changes written in one transaction.
@@ -78,6 +94,16 @@ pub struct Batch {
     pub put_status: Vec<NodeStatus>,
     /// Last-seen times to record.
     pub put_last_seen: Vec<(String, u64)>,
+    /// Controller labels to record per node (an empty map removes the row).
+    pub put_node_labels: Vec<(String, BTreeMap<String, String>)>,
+    /// Revisions to record.
+    pub put_revisions: Vec<Revision>,
+    /// Revisions to drop, by workload and number.
+    pub delete_revisions: Vec<(String, u64)>,
+    /// Rollouts to record.
+    pub put_rollouts: Vec<Rollout>,
+    /// Rollouts to drop, by workload.
+    pub delete_rollouts: Vec<String>,
 }
 
 impl Batch {
@@ -88,6 +114,11 @@ impl Batch {
             && self.put_desired.is_empty()
             && self.put_status.is_empty()
             && self.put_last_seen.is_empty()
+            && self.put_node_labels.is_empty()
+            && self.put_revisions.is_empty()
+            && self.delete_revisions.is_empty()
+            && self.put_rollouts.is_empty()
+            && self.delete_rollouts.is_empty()
     }
 }
 
@@ -115,6 +146,9 @@ impl Store {
             tx.open_table(DESIRED).map_err(db_err("create table"))?;
             tx.open_table(STATUS).map_err(db_err("create table"))?;
             tx.open_table(LAST_SEEN).map_err(db_err("create table"))?;
+            tx.open_table(NODE_LABELS).map_err(db_err("create table"))?;
+            tx.open_table(REVISIONS).map_err(db_err("create table"))?;
+            tx.open_table(ROLLOUTS).map_err(db_err("create table"))?;
         }
         tx.commit().map_err(db_err("commit"))?;
         Ok(Self { db })
@@ -171,6 +205,42 @@ impl Store {
             let (name, ms) = row.map_err(db_err("read last_seen"))?;
             snap.last_seen.insert(name.value().to_string(), ms.value());
         }
+
+        let table = tx
+            .open_table(NODE_LABELS)
+            .map_err(db_err("open node_labels"))?;
+        for row in table.iter().map_err(db_err("read node_labels"))? {
+            let (name, text) = row.map_err(db_err("read node_labels"))?;
+            let labels = parse_labels(text.value()).map_err(|reason| StoreError::Corrupt {
+                what: format!("labels of node {}", name.value()),
+                reason,
+            })?;
+            snap.node_labels.insert(name.value().to_string(), labels);
+        }
+
+        let table = tx.open_table(REVISIONS).map_err(db_err("open revisions"))?;
+        for row in table.iter().map_err(db_err("read revisions"))? {
+            let (key, text) = row.map_err(db_err("read revisions"))?;
+            let (name, number) = key.value();
+            let revision =
+                parse_revision(number, text.value()).map_err(|reason| StoreError::Corrupt {
+                    what: format!("revision {number} of workload {name}"),
+                    reason,
+                })?;
+            snap.revisions.push(revision);
+        }
+
+        let table = tx.open_table(ROLLOUTS).map_err(db_err("open rollouts"))?;
+        for row in table.iter().map_err(db_err("read rollouts"))? {
+            let (name, text) = row.map_err(db_err("read rollouts"))?;
+            let corrupt = |reason: String| StoreError::Corrupt {
+                what: format!("rollout of workload {}", name.value()),
+                reason,
+            };
+            let v: serde_json::Value =
+                serde_json::from_str(text.value()).map_err(|e| corrupt(e.to_string()))?;
+            snap.rollouts.push(Rollout::from_json(&v).map_err(corrupt)?);
+        }
         Ok(snap)
     }
 
@@ -219,9 +289,85 @@ impl Store {
                     .insert(name.as_str(), ms)
                     .map_err(db_err("write last_seen"))?;
             }
+            let mut table = tx.open_table(REVISIONS).map_err(db_err("open revisions"))?;
+            for r in &batch.put_revisions {
+                let text = serde_json::json!({
+                    "createdMs": r.created_ms,
+                    "cause": r.cause,
+                    "manifest": r.workload.to_json(),
+                })
+                .to_string();
+                table
+                    .insert((r.workload.name.as_str(), r.number), text.as_str())
+                    .map_err(db_err("write revision"))?;
+            }
+            for (name, number) in &batch.delete_revisions {
+                table
+                    .remove((name.as_str(), *number))
+                    .map_err(db_err("delete revision"))?;
+            }
+            let mut table = tx.open_table(ROLLOUTS).map_err(db_err("open rollouts"))?;
+            for r in &batch.put_rollouts {
+                let text = r.to_json().to_string();
+                table
+                    .insert(r.workload.as_str(), text.as_str())
+                    .map_err(db_err("write rollout"))?;
+            }
+            for name in &batch.delete_rollouts {
+                table
+                    .remove(name.as_str())
+                    .map_err(db_err("delete rollout"))?;
+            }
+            let mut table = tx
+                .open_table(NODE_LABELS)
+                .map_err(db_err("open node_labels"))?;
+            for (name, labels) in &batch.put_node_labels {
+                if labels.is_empty() {
+                    table
+                        .remove(name.as_str())
+                        .map_err(db_err("delete node labels"))?;
+                } else {
+                    let text = serde_json::to_string(labels).map_err(|e| StoreError::Corrupt {
+                        what: format!("labels of node {name}"),
+                        reason: e.to_string(),
+                    })?;
+                    table
+                        .insert(name.as_str(), text.as_str())
+                        .map_err(db_err("write node labels"))?;
+                }
+            }
         }
         tx.commit().map_err(db_err("commit"))
     }
+}
+
+/// A revision read back from the store; its manifest is validated again.
+fn parse_revision(number: u64, text: &str) -> Result<Revision, String> {
+    let v: serde_json::Value = serde_json::from_str(text).map_err(|e| e.to_string())?;
+    let created_ms = v["createdMs"]
+        .as_u64()
+        .ok_or("createdMs: expected a number")?;
+    let cause = v["cause"].as_str().ok_or("cause: expected a string")?;
+    let mut parsed = manifest::parse(&v["manifest"].to_string()).map_err(|e| e.to_string())?;
+    match (parsed.pop(), parsed.is_empty()) {
+        (Some(workload), true) => Ok(Revision {
+            number,
+            created_ms,
+            cause: cause.to_owned(),
+            workload,
+        }),
+        _ => Err("expected exactly one manifest".into()),
+    }
+}
+
+/// Labels read back from the store, checked again as any input is.
+fn parse_labels(text: &str) -> Result<BTreeMap<String, String>, String> {
+    let labels: BTreeMap<String, String> = serde_json::from_str(text).map_err(|e| e.to_string())?;
+    for (k, v) in &labels {
+        check_label_key(k).map_err(|e| format!("label key {k:?}: {e}"))?;
+        check_label_value(v).map_err(|e| format!("label value {v:?}: {e}"))?;
+    }
+    Ok(labels)
 }
 
 #[cfg(test)]
@@ -264,12 +410,27 @@ mod tests {
                     put_desired: vec![desired],
                     put_status: vec![status],
                     put_last_seen: vec![("pi-1".into(), 99)],
+                    put_revisions: (1..=3)
+                        .map(|number| Revision {
+                            number,
+                            created_ms: 100 + number,
+                            cause: "apply".into(),
+                            workload: workload("web", &format!("oci:/a{number}")),
+                        })
+                        .collect(),
+                    put_node_labels: vec![
+                        ("pi-1".into(), [("tier".into(), "gold".into())].into()),
+                        ("pi-2".into(), [("x".into(), "y".into())].into()),
+                    ],
                     ..Batch::default()
                 })
                 .unwrap();
             store
                 .write(&Batch {
                     delete_workloads: vec!["db".into()],
+                    put_node_labels: vec![("pi-2".into(), BTreeMap::new())],
+                    delete_revisions: vec![("web".into(), 1)],
+                    put_rollouts: vec![Rollout::new("web", 2, 3, vec!["pi-1".into()], 5)],
                     ..Batch::default()
                 })
                 .unwrap();
@@ -281,5 +442,25 @@ mod tests {
         assert_eq!(snap.desired["pi-1"].generation, 4);
         assert_eq!(snap.status["pi-1"].seq, 2);
         assert_eq!(snap.last_seen["pi-1"], 99);
+        let kept: Vec<(u64, u64, &str)> = snap
+            .revisions
+            .iter()
+            .map(|r| {
+                (
+                    r.number,
+                    r.created_ms,
+                    r.workload.spec.containers[0].image.as_str(),
+                )
+            })
+            .collect();
+        assert_eq!(kept, [(2, 102, "oci:/a2"), (3, 103, "oci:/a3")]);
+        assert_eq!(
+            snap.rollouts,
+            [Rollout::new("web", 2, 3, vec!["pi-1".into()], 5)]
+        );
+        assert_eq!(
+            format!("{:?}", snap.node_labels),
+            r#"{"pi-1": {"tier": "gold"}}"#
+        );
     }
 }

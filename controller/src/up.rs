@@ -69,8 +69,22 @@ pub async fn run(config: UpConfig, shutdown: CancellationToken) -> anyhow::Resul
     };
     let broker_url = format!("mqtt://{host}:{}", listen.port());
 
+    // The key is made before the agent starts, so the agent can pin it. The
+    // local agent connects without credentials: `up` is the one-machine
+    // quick start, its broker on the loopback.
+    let data_dir = config.serve.data_dir.clone();
+    let key_file = data_dir.join(crate::identity::signing::PUBLIC_FILE);
+    tokio::task::spawn_blocking(move || {
+        std::fs::create_dir_all(&data_dir)?;
+        crate::identity::SigningKey::load_or_create(&data_dir)?;
+        anyhow::Ok(())
+    })
+    .await??;
+    let mut serve_config = config.serve.clone();
+    serve_config.allow_anonymous = true;
+
     let stop = shutdown.child_token();
-    let mut controller = tokio::spawn(serve::run(config.serve.clone(), stop.clone()));
+    let mut controller = tokio::spawn(serve::run(serve_config, stop.clone()));
 
     let mut cmd = tokio::process::Command::new(&config.agent_bin);
     cmd.arg("--broker")
@@ -80,7 +94,9 @@ pub async fn run(config: UpConfig, shutdown: CancellationToken) -> anyhow::Resul
         .arg("--data-dir")
         .arg(&config.agent_data_dir)
         .arg("--topic-prefix")
-        .arg(config.serve.topics.prefix());
+        .arg(config.serve.topics.prefix())
+        .arg("--controller-key")
+        .arg(&key_file);
     for label in &config.labels {
         cmd.arg("--label").arg(label);
     }

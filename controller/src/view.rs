@@ -7,6 +7,7 @@ use serde_json::{Value, json};
 
 use crate::control::Cluster;
 use crate::fleet::{Node, Readiness};
+use crate::manifest::Placement;
 
 /// Every node, sorted by name.
 pub fn nodes(c: &Cluster) -> Vec<Value> {
@@ -42,6 +43,20 @@ fn node_view(c: &Cluster, name: &str, node: &Node) -> Value {
                 "uptimeSecs": h.uptime_secs,
             })
         });
+    // What placed pods request, against what the node has.
+    let (req_cpu, req_mem) = c.desired.get(name).map_or((0, 0), |d| {
+        d.pods
+            .iter()
+            .filter_map(|p| c.workloads.get(p.workload()))
+            .map(|w| w.total_requests())
+            .fold((0u64, 0u64), |(a, b), (x, y)| (a + x, b.saturating_add(y)))
+    });
+    let allocatable = info.map(|i| {
+        json!({
+            "cpuMillis": (u64::from(i.cpus) * 1000).saturating_sub(req_cpu),
+            "memoryBytes": i.memory_bytes.saturating_sub(req_mem),
+        })
+    });
     let reason = match node.readiness {
         Readiness::NotReady if node.expired() => Some("NoContact"),
         Readiness::NotReady => Some("Disconnected"),
@@ -52,11 +67,15 @@ fn node_view(c: &Cluster, name: &str, node: &Node) -> Value {
         "status": node.readiness.as_str(),
         "statusReason": reason,
         "labels": node.labels(),
+        "controllerLabels": node.controller_labels,
+        "notReadySinceMs": node.not_ready_since_ms,
         "arch": info.map(|i| i.arch.as_str()),
         "os": info.map(|i| i.os.as_str()),
         "agentVersion": info.map(|i| i.agent_version.as_str()),
         "cpus": info.map(|i| i.cpus),
         "memoryBytes": info.map(|i| i.memory_bytes),
+        "requested": {"cpuMillis": req_cpu, "memoryBytes": req_mem},
+        "allocatable": allocatable,
         "bootId": info.map(|i| i.boot_id.as_str()).filter(|b| !b.is_empty()),
         "health": health,
         "lastSeenMs": node.last_seen_ms,
@@ -87,9 +106,60 @@ pub fn workload(c: &Cluster, name: &str) -> Option<Value> {
         "name": name,
         "manifest": w.to_json(),
         "images": w.spec.containers.iter().map(|c| c.image.as_str()).collect::<Vec<_>>(),
+        "placement": match w.spec.scheduling.placement {
+            Placement::EveryNode => "everyNode".to_owned(),
+            Placement::Replicas(n) => format!("replicas: {n}"),
+        },
+        "unschedulable": c.unschedulable.get(name),
+        "revision": c.history.current(name).map(|r| r.number),
         "desiredPods": pods.iter().filter(|p| p["desired"] == true).count(),
         "runningPods": running,
         "pods": pods,
+    }))
+}
+
+/// A workload's revisions, oldest first, with what each ran.
+pub fn revisions(c: &Cluster, name: &str) -> Option<Value> {
+    c.workloads.get(name)?;
+    let list = c.history.list(name);
+    let current = list.last().map(|r| r.number);
+    let items: Vec<Value> = list
+        .iter()
+        .map(|r| {
+            json!({
+                "revision": r.number,
+                "createdMs": r.created_ms,
+                "cause": r.cause,
+                "current": Some(r.number) == current,
+                "images": r.workload.spec.containers.iter().map(|c| c.image.as_str()).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    Some(json!({ "workload": name, "items": items }))
+}
+
+/// A workload's rollout, if it has had one.
+pub fn rollout(c: &Cluster, name: &str) -> Option<Value> {
+    let state = c.rollouts.get(name)?;
+    let r = &state.rollout;
+    let waves = c
+        .workloads
+        .get(name)
+        .and_then(|w| w.spec.strategy.as_ref())
+        .map(|s| r.targets(s))
+        .unwrap_or_default();
+    Some(json!({
+        "workload": name,
+        "from": r.from,
+        "to": r.to,
+        "phase": r.phase.as_str(),
+        "startedMs": r.started_ms,
+        "wave": (r.wave + 1).min(waves.len().max(1)),
+        "waves": waves,
+        "nodes": r.nodes.len(),
+        "switched": r.switched.keys().collect::<Vec<_>>(),
+        "healthy": r.healthy,
+        "failed": r.failed,
     }))
 }
 
@@ -109,7 +179,7 @@ pub fn pods(c: &Cluster) -> Vec<Value> {
             let status = reported.iter().find(|p| p.name == spec.name);
             let mut v = pod_view(
                 node_name,
-                &spec.workload,
+                spec.workload(),
                 &spec.name,
                 status,
                 node.readiness,
@@ -119,6 +189,7 @@ pub fn pods(c: &Cluster) -> Vec<Value> {
             v["desired"] = Value::Bool(true);
             if status.is_none() {
                 v["containers"] = spec
+                    .template
                     .containers
                     .iter()
                     .map(|c| json!({"name": c.name, "state": "Waiting", "reason": "NotReported", "restarts": 0}))

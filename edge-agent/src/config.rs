@@ -38,6 +38,14 @@ pub enum ConfigError {
     /// The registries file is unreadable or wrong.
     #[error("registries file {0}")]
     Registries(#[from] crate::image::SettingsError),
+    /// The controller's key is unreadable or not a base64 ed25519 key.
+    #[error("controller key {path:?}: {reason}")]
+    ControllerKey { path: PathBuf, reason: String },
+    /// No key to check desired state against, and no permission to go without.
+    #[error(
+        "no controller key: give --controller-key FILE, run `flotilla-agent join` first, or --insecure-unsigned"
+    )]
+    NoControllerKey,
     /// A directory could not be made absolute.
     #[error("{what} {path:?}: {source}")]
     Path {
@@ -109,6 +117,54 @@ pub struct Args {
     /// Rotated log files kept per container, besides the live one (at least 1).
     #[arg(long, env = "FLOTILLA_LOG_KEPT_FILES", default_value_t = 2)]
     pub log_kept_files: u32,
+    /// The controller's public key (base64, as in its `signing.pub`): desired
+    /// state not signed by it is refused [default: {data-dir}/identity/controller.pub, written by `join`].
+    #[arg(long, env = "FLOTILLA_CONTROLLER_KEY")]
+    pub controller_key: Option<PathBuf>,
+    /// Accept desired state without checking its signature (anyone who can
+    /// publish on the broker can then run containers here).
+    #[arg(long, env = "FLOTILLA_INSECURE_UNSIGNED")]
+    pub insecure_unsigned: bool,
+}
+
+/// How desired state is checked before it is accepted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Trust {
+    /// Signed by the controller whose ed25519 public key this is.
+    Pinned([u8; 32]),
+    /// Not checked (`--insecure-unsigned`, tests and simulated fleets).
+    Unverified,
+}
+
+/// Where `join` keeps what enrollment gave the device, owner-only.
+pub fn identity_dir(data_dir: &std::path::Path) -> PathBuf {
+    data_dir.join("identity")
+}
+/// The pinned controller key, under [`identity_dir`].
+pub const CONTROLLER_KEY_FILE: &str = "controller.pub";
+/// The device's MQTT password, under [`identity_dir`] (the username is the node name).
+pub const PASSWORD_FILE: &str = "mqtt.password";
+
+impl Trust {
+    /// Reads a key file: base64 of the 32-byte public key.
+    pub fn load(path: &std::path::Path) -> Result<Self, ConfigError> {
+        use base64::Engine;
+        let err = |reason: String| ConfigError::ControllerKey {
+            path: path.to_owned(),
+            reason,
+        };
+        let text = std::fs::read(path).map_err(|e| err(e.to_string()))?;
+        if text.len() > 1024 {
+            return Err(err("larger than 1 KiB, expected a base64 key".into()));
+        }
+        let text = String::from_utf8_lossy(&text);
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(text.trim())
+            .map_err(|e| err(format!("not base64: {e}")))?;
+        let key = <[u8; 32]>::try_from(bytes.as_slice())
+            .map_err(|_| err(format!("{} bytes, expected 32", bytes.len())))?;
+        Ok(Self::Pinned(key))
+    }
 }
 
 /// A node name that passed [`check_name`].
@@ -257,6 +313,10 @@ pub struct Config {
     pub run_dir: PathBuf,
     /// Container runtime.
     pub runtime: RuntimeKind,
+    /// The binary the youki runtime re-executes as its create/exec helper;
+    /// `None` is this process's own executable (the agent). Set by tests,
+    /// whose executable is not the agent.
+    pub runtime_helper: Option<PathBuf>,
     /// Root of the MQTT topics, without a trailing `/`.
     pub topic_prefix: String,
     /// MQTT keepalive.
@@ -269,6 +329,10 @@ pub struct Config {
     pub pull: crate::image::PullSettings,
     /// Size cap and rotated files kept of each container's log.
     pub logs: crate::logs::LogLimits,
+    /// How desired state is checked.
+    pub trust: Trust,
+    /// MQTT password (username: the node name), from `join`.
+    pub password: Option<String>,
 }
 
 impl Config {
@@ -282,12 +346,17 @@ impl Config {
             labels: NodeLabels::default(),
             data_dir: absolute("data dir", data_dir)?,
             runtime: RuntimeKind::Youki,
+            runtime_helper: None,
             topic_prefix: flotilla_proto::DEFAULT_PREFIX.to_owned(),
             keepalive: Duration::from_secs(30),
             stop_grace: Duration::from_secs(10),
             resync: Duration::from_secs(30 * 60),
             pull: crate::image::PullSettings::default(),
             logs: crate::logs::LogLimits::default(),
+            // The command line insists on a key (`from_args`); code that
+            // builds a config itself (tests, simulated fleets) decides.
+            trust: Trust::Unverified,
+            password: None,
         })
     }
 
@@ -310,6 +379,23 @@ impl Config {
             max_bytes: args.log_max_size.max(crate::logs::MIN_MAX_BYTES),
             kept_files: args.log_kept_files.max(1),
         };
+        let identity = identity_dir(&config.data_dir);
+        let pinned = identity.join(CONTROLLER_KEY_FILE);
+        config.trust = match args.controller_key {
+            Some(path) => Trust::load(&path)?,
+            None if pinned.exists() => Trust::load(&pinned)?,
+            None if args.insecure_unsigned => Trust::Unverified,
+            None => return Err(ConfigError::NoControllerKey),
+        };
+        let password = identity.join(PASSWORD_FILE);
+        if password.exists() {
+            let text = std::fs::read_to_string(&password).map_err(|source| ConfigError::Path {
+                what: "mqtt password file",
+                path: password.clone(),
+                source,
+            })?;
+            config.password = Some(text.trim().to_owned());
+        }
         Ok(config)
     }
 }
@@ -379,6 +465,23 @@ mod tests {
         );
     }
 
+    #[test]
+    fn a_key_is_required_unless_insecure() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().to_str().unwrap();
+        let argv = [
+            "flotilla-agent",
+            "--broker",
+            "mqtt://h",
+            "--node",
+            "pi-1",
+            "--data-dir",
+            data,
+        ];
+        let err = Config::from_args(Args::try_parse_from(argv).unwrap()).unwrap_err();
+        assert!(err.to_string().contains("no controller key"), "{err}");
+    }
+
     fn args(extra: &[&str]) -> Result<Config, String> {
         let mut argv = vec![
             "flotilla-agent",
@@ -388,6 +491,7 @@ mod tests {
             "pi-1",
             "--data-dir",
             "/var/lib/flotilla",
+            "--insecure-unsigned",
         ];
         argv.extend_from_slice(extra);
         let args = Args::try_parse_from(argv).map_err(|e| e.to_string())?;

@@ -10,6 +10,7 @@
 //! requests (container logs) from the session.
 
 pub mod config;
+pub mod enroll;
 pub mod image;
 pub mod logs;
 pub mod node_info;
@@ -56,12 +57,16 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             let cgroup_parent = format!("flotilla/{}", config.node);
             let images_dir = config.data_dir.join("images");
             let pull = config.pull.clone();
+            let helper = config.runtime_helper.clone();
             let (runtime, images) = tokio::task::spawn_blocking(move || {
-                let runtime =
+                let mut runtime =
                     runtime::youki::YoukiRuntime::new(state_root.clone(), work_root, cgroup_parent)
                         .with_context(|| {
                             format!("container runtime in {}", state_root.display())
                         })?;
+                if let Some(helper) = helper {
+                    runtime = runtime.with_helper(helper);
+                }
                 let images = image::ImageStore::with_settings(images_dir.clone(), pull)
                     .with_context(|| format!("image store in {}", images_dir.display()))?;
                 anyhow::Ok((runtime, images))
@@ -175,6 +180,7 @@ async fn agent<R: Runtime, I: Images>(
         topics: Topics::new(&config.topic_prefix),
         keepalive: config.keepalive,
         instance,
+        password: config.password.clone(),
     };
     session::spawn(session, status, desired_tx, rpc, tracker, token.clone())
         .context("starting the mqtt session")?;
@@ -189,7 +195,8 @@ async fn agent<R: Runtime, I: Images>(
             // The session ends only at shutdown.
             return Ok(());
         };
-        match state::judge(&frame, &node, accepted) {
+        let (verdict, frame) = state::judge_signed(&frame, &node, accepted, &config.trust);
+        match verdict {
             Verdict::Refuse(e) => {
                 tracing::warn!("refused desired state: {e}");
                 report(&reports, None, Some(e.to_string())).await;

@@ -47,7 +47,53 @@ enum ImageCommand {
     },
 }
 
+/// `flotilla-agent join`: enroll this device with a join token.
+#[derive(Debug, Parser)]
+#[command(
+    name = "flotilla-agent join",
+    about = "Enroll this device with a join token"
+)]
+struct JoinArgs {
+    /// The controller's API, `http://HOST:PORT`.
+    #[arg(long, env = "FLOTILLA_SERVER")]
+    server: String,
+    /// The token from `flotilla token create`.
+    #[arg(long, env = "FLOTILLA_TOKEN")]
+    token: String,
+    /// This node's name.
+    #[arg(long, env = "FLOTILLA_NODE")]
+    node: String,
+    /// The agent's data directory (the credential goes to `identity/` in it).
+    #[arg(long, env = "FLOTILLA_DATA_DIR")]
+    data_dir: PathBuf,
+}
+
 fn main() -> ExitCode {
+    // The runtime's single-threaded helper: nothing else may start first.
+    if std::env::args_os()
+        .nth(1)
+        .is_some_and(|a| a == flotilla_agent::runtime::youki::helper::ARG)
+    {
+        return flotilla_agent::runtime::youki::helper::main(std::env::args_os().skip(2).collect());
+    }
+    if std::env::args_os().nth(1).is_some_and(|a| a == "join") {
+        let args = JoinArgs::parse_from(std::env::args_os().skip(1));
+        return match flotilla_agent::enroll::join(
+            &args.server,
+            &args.token,
+            &args.node,
+            &args.data_dir,
+        ) {
+            Ok(()) => {
+                println!("joined as {}", args.node);
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("flotilla-agent: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     if std::env::args_os().nth(1).is_some_and(|a| a == "image") {
         let args = ImageArgs::parse_from(std::env::args_os().skip(1));
         init_logging();

@@ -69,6 +69,8 @@ pub struct SessionConfig {
     pub keepalive: Duration,
     /// Random id of this agent process, sent in `Online`.
     pub instance: u64,
+    /// MQTT password from enrollment; the username is the node name.
+    pub password: Option<String>,
 }
 
 /// The rpc side of the session: requests out to the agent, response
@@ -102,6 +104,9 @@ pub fn spawn(
         config.broker.host.clone(),
         config.broker.port,
     );
+    if let Some(password) = &config.password {
+        options.set_credentials(config.node.clone(), password.clone());
+    }
     options
         .set_clean_session(false)
         .set_keep_alive(config.keepalive)

@@ -1,5 +1,5 @@
 //! The accepted desired state: deciding whether an incoming frame is accepted
-//! (decodes, is for this node, names valid and unique, volumes and probes
+//! (signed by the pinned controller key, decodes, is for this node, names valid and unique, volumes and probes
 //! usable, newer generation), and
 //! keeping the last accepted frame on disk so that the node runs it again
 //! after a reboot with no network.
@@ -15,9 +15,12 @@ use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 
 use flotilla_proto::{
-    ContainerSpec, DecodeError, DesiredState, Message, PodSpec, Probe, ProbeAction, VolumeSource,
-    check_name, decode,
+    ContainerSpec, DecodeError, DesiredState, Message, PodSpec, Probe, ProbeAction, SignedDesired,
+    VolumeSource, check_name, decode,
 };
+use ring::signature::{ED25519, UnparsedPublicKey};
+
+use crate::config::Trust;
 
 /// Why a desired state was refused, or the state files could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -25,6 +28,9 @@ pub enum StateError {
     /// The frame does not decode.
     #[error(transparent)]
     Decode(#[from] DecodeError),
+    /// The signature is not the pinned controller key's.
+    #[error("desired state: signature does not verify against the pinned controller key")]
+    BadSignature,
     /// The state names another node.
     #[error("desired state is for node {got:?}, expected {expected:?}")]
     WrongNode { got: String, expected: String },
@@ -81,7 +87,32 @@ pub enum Verdict {
     Refuse(StateError),
 }
 
-/// Judges `frame` for `node`, given the generation accepted so far.
+/// Judges an envelope from the `desired` topic: its signature first (against
+/// the pinned controller key, unless `trust` says not to), then its payload
+/// with [`judge`]. Returns the verdict and the payload (the `DesiredState`
+/// frame, which is what is stored), empty when refused before decoding.
+pub fn judge_signed(
+    envelope: &[u8],
+    node: &str,
+    accepted: Option<u64>,
+    trust: &Trust,
+) -> (Verdict, Vec<u8>) {
+    let signed = match decode::<SignedDesired>(envelope) {
+        Ok(s) => s,
+        Err(e) => return (Verdict::Refuse(e.into()), Vec::new()),
+    };
+    if let Trust::Pinned(key) = trust {
+        let key = UnparsedPublicKey::new(&ED25519, key);
+        let message = SignedDesired::signed_bytes(&signed.payload);
+        if key.verify(&message, &signed.signature.0).is_err() {
+            return (Verdict::Refuse(StateError::BadSignature), Vec::new());
+        }
+    }
+    (judge(&signed.payload, node, accepted), signed.payload)
+}
+
+/// Judges `frame` (a `DesiredState` frame, already authenticated) for
+/// `node`, given the generation accepted so far.
 pub fn judge(frame: &[u8], node: &str, accepted: Option<u64>) -> Verdict {
     let desired = match decode::<DesiredState>(frame) {
         Ok(d) => d,
@@ -623,6 +654,68 @@ mod tests {
             edit(&mut d.pods[0]);
             assert_eq!(refusal(&frame(&d)), expected);
         }
+    }
+
+    #[test]
+    fn signatures_are_checked_before_anything_else() {
+        use ring::rand::SystemRandom;
+        use ring::signature::{Ed25519KeyPair, KeyPair};
+        let pair = |seed: u8| {
+            let _ = seed;
+            let pkcs8 = Ed25519KeyPair::generate_pkcs8(&SystemRandom::new()).unwrap();
+            Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).unwrap()
+        };
+        let sign = |key: &Ed25519KeyPair, payload: Vec<u8>| {
+            let sig = key.sign(&SignedDesired::signed_bytes(&payload));
+            let mut bytes = [0; 64];
+            bytes.copy_from_slice(sig.as_ref());
+            flotilla_proto::encode(&SignedDesired {
+                payload,
+                signature: flotilla_proto::Signature(bytes),
+            })
+            .unwrap()
+        };
+        let controller = pair(1);
+        let mut public = [0; 32];
+        public.copy_from_slice(controller.public_key().as_ref());
+        let trust = Trust::Pinned(public);
+        let inner = frame(&desired(5, &[("p", &["c"])]));
+
+        let (verdict, payload) =
+            judge_signed(&sign(&controller, inner.clone()), "n1", None, &trust);
+        assert!(matches!(verdict, Verdict::Accept(d) if d.generation == 5));
+        assert_eq!(payload, inner, "the inner frame is what gets stored");
+
+        let forged = sign(&pair(2), inner.clone());
+        let (verdict, _) = judge_signed(&forged, "n1", None, &trust);
+        assert!(matches!(verdict, Verdict::Refuse(StateError::BadSignature)));
+        // Unchecked only when asked.
+        let (verdict, _) = judge_signed(&forged, "n1", None, &Trust::Unverified);
+        assert!(matches!(verdict, Verdict::Accept(_)));
+
+        // A tampered payload under a good signature.
+        let mut tampered: SignedDesired = decode(&sign(&controller, inner.clone())).unwrap();
+        tampered.payload = frame(&desired(6, &[("p", &["c"])]));
+        let (verdict, _) = judge_signed(
+            &flotilla_proto::encode(&tampered).unwrap(),
+            "n1",
+            None,
+            &trust,
+        );
+        assert!(matches!(verdict, Verdict::Refuse(StateError::BadSignature)));
+
+        // A bare, unsigned frame is not an envelope.
+        let (verdict, _) = judge_signed(&inner, "n1", None, &trust);
+        assert!(matches!(verdict, Verdict::Refuse(StateError::Decode(_))));
+
+        // Signed but older, or for another node: the usual rules.
+        let (verdict, _) = judge_signed(&sign(&controller, inner.clone()), "n1", Some(7), &trust);
+        assert!(matches!(verdict, Verdict::Stale { generation: 5 }));
+        let (verdict, _) = judge_signed(&sign(&controller, inner), "n2", None, &trust);
+        assert!(matches!(
+            verdict,
+            Verdict::Refuse(StateError::WrongNode { .. })
+        ));
     }
 
     #[test]

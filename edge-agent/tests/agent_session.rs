@@ -148,7 +148,7 @@ impl Controller {
     }
 
     async fn desired(&self, d: &DesiredState) {
-        self.publish_desired(encode(d).unwrap(), true).await;
+        self.publish_desired(envelope(d), true).await;
     }
 
     /// Reads messages until one on `topic` decodes into a value satisfying `pred`.
@@ -317,7 +317,7 @@ async fn agent_talks_to_a_real_broker() {
     let mut other_node = desired("someone-else", 9, "v9");
     other_node.node = "someone-else".into();
     controller
-        .publish_desired(encode(&other_node).unwrap(), false)
+        .publish_desired(envelope(&other_node), false)
         .await;
     let s = controller
         .status("wrong node refused", |s| {
@@ -408,4 +408,14 @@ async fn a_clean_exit_says_offline_and_leaves_containers_running() {
     assert_eq!(runtime.running_ids(), [container_id("web", &app("v1"))]);
     agent.rt.shutdown_background();
     drop(broker);
+}
+
+/// The envelope of the desired topic, unsigned: these agents are configured
+/// with `Trust::Unverified` (signatures are tested in state.rs and trust.rs).
+fn envelope(d: &DesiredState) -> Vec<u8> {
+    encode(&flotilla_proto::SignedDesired {
+        payload: encode(d).unwrap(),
+        signature: flotilla_proto::Signature([0; 64]),
+    })
+    .unwrap()
 }

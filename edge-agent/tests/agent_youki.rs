@@ -112,6 +112,7 @@ async fn run_with_stored(dir: &Path, desired: &DesiredState, what: &str, done: i
         .port();
     let mut config = Config::new(&format!("mqtt://127.0.0.1:{port}"), NODE, data).unwrap();
     config.runtime = RuntimeKind::Youki;
+    config.runtime_helper = Some(env!("CARGO_BIN_EXE_flotilla-agent").into());
     config.run_dir = dir.join("run");
     config.stop_grace = Duration::from_secs(1);
     let shutdown = CancellationToken::new();

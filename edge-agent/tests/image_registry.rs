@@ -216,7 +216,8 @@ async fn a_dropped_connection_resumes_where_it_stopped_and_the_container_runs() 
         dir.path().join("work"),
         cgroup_parent,
     )
-    .unwrap();
+    .unwrap()
+    .with_helper(env!("CARGO_BIN_EXE_flotilla-agent").into());
     let log = dir.path().join("c.log");
     let config = ContainerConfig {
         id: "pulled.main.00000000".into(),

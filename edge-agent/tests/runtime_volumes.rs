@@ -67,7 +67,8 @@ impl Fixture {
             dir.path().join("work"),
             cgroup_parent,
         )
-        .unwrap();
+        .unwrap()
+        .with_helper(env!("CARGO_BIN_EXE_flotilla-agent").into());
         Self {
             rt,
             dir,

@@ -67,7 +67,8 @@ impl Fixture {
             dir.path().join("work"),
             cgroup_parent.clone(),
         )
-        .unwrap();
+        .unwrap()
+        .with_helper(env!("CARGO_BIN_EXE_flotilla-agent").into());
         Self {
             rt,
             dir,
@@ -527,7 +528,8 @@ async fn a_restarted_agent_adopts_running_containers() {
         f.dir.path().join("work"),
         f.cgroup_parent.clone(),
     )
-    .unwrap();
+    .unwrap()
+    .with_helper(env!("CARGO_BIN_EXE_flotilla-agent").into());
     assert!(is_running(&again, "adopt.main.1"));
     assert!(!orphan.exists(), "orphan bundle kept");
     assert!(f.rt.bundle_of("adopt.main.1").exists());

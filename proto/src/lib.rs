@@ -12,6 +12,7 @@ mod desired;
 mod names;
 mod presence;
 mod rpc;
+mod signed;
 mod status;
 mod topics;
 
@@ -20,9 +21,10 @@ pub use desired::{
     ConfigFile, ContainerSpec, DesiredState, EnvVar, PodSpec, Probe, ProbeAction, Resources,
     RestartPolicy, Volume, VolumeMount, VolumeSource,
 };
-pub use names::{NameError, check_label_key, check_label_value, check_name};
+pub use names::{MAX_NAME, NameError, check_label_key, check_label_value, check_name};
 pub use presence::Presence;
 pub use rpc::{LogCursor, LogsRequest, RpcCall, RpcRequest, RpcResponse, RpcResult};
+pub use signed::{SIGNATURE_LEN, SIGNED_DESIRED_CONTEXT, Signature, SignedDesired};
 pub use status::{
     ContainerState, ContainerStatus, Label, NodeHealth, NodeInfo, NodeStatus, PodPhase, PodStatus,
     PullProgress,

@@ -320,3 +320,41 @@ proptest! {
         }
     }
 }
+
+fn signed() -> SignedDesired {
+    let mut signature = [0u8; SIGNATURE_LEN];
+    for (i, b) in signature.iter_mut().enumerate() {
+        *b = i as u8;
+    }
+    SignedDesired {
+        payload: vec![1, 2, 3],
+        signature: Signature(signature),
+    }
+}
+
+#[test]
+fn signed_desired_round_trips_with_a_bare_64_byte_signature() {
+    let s = signed();
+    let frame = encode(&s).unwrap();
+    assert_eq!(decode::<SignedDesired>(&frame).unwrap(), s);
+    // Version, payload length, payload, then exactly 64 signature bytes.
+    let signature: String = (0u8..64).map(|b| format!("{b:02x}")).collect();
+    assert_eq!(hex(&frame), format!("0103010203{signature}"));
+    // The signed bytes are the context, then the payload as sent.
+    assert_eq!(
+        SignedDesired::signed_bytes(&[1, 2, 3]),
+        b"flotilla desired state v1\0\x01\x02\x03".to_vec()
+    );
+    // A short signature is malformed, not zero-filled.
+    let short = &frame[..frame.len() - 1];
+    assert!(matches!(
+        decode::<SignedDesired>(short),
+        Err(DecodeError::Malformed { .. })
+    ));
+    // The envelope carries a whole desired state.
+    let big = SignedDesired {
+        payload: vec![0; DesiredState::MAX_BYTES],
+        signature: Signature([0; SIGNATURE_LEN]),
+    };
+    assert!(encode(&big).is_ok());
+}

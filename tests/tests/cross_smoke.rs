@@ -116,6 +116,7 @@ fn aarch64_agent_runs_under_qemu_user_and_reports_to_a_controller() {
         .arg(dir.path().join("run"))
         .arg("--runtime")
         .arg("fake")
+        .args(trust_args(dir.path()))
         .env("FLOTILLA_LOG", "debug");
     let agent = Proc::spawn(&mut cmd, dir.path().join("agent.log"));
     let logs = [controller.proc.log.as_path(), agent.log.as_path()];

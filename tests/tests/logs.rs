@@ -59,6 +59,7 @@ fn start_agent(dir: &Path, node: &str, broker: &str, extra: &[&str]) -> Proc {
         .arg(dir.join(format!("agent-{node}")))
         .arg("--run-dir")
         .arg(dir.join(format!("run-{node}")))
+        .args(common::trust_args(dir))
         .args(extra)
         .env("FLOTILLA_LOG", "debug");
     Proc::spawn(&mut cmd, dir.join(format!("agent-{node}.log")))
@@ -448,7 +449,7 @@ fn a_node_not_heard_from_for_the_node_timeout_is_not_ready_until_it_speaks() {
         .arg(format!("127.0.0.1:{api_port}"))
         .arg("--mqtt-listen")
         .arg(format!("127.0.0.1:{mqtt_port}"))
-        .args(["--node-timeout", "3s"])
+        .args(["--node-timeout", "3s", "--allow-anonymous"])
         .env("FLOTILLA_LOG", "debug,rmqtt=warn,rmqtt_net=warn,redb=warn");
     let controller_proc = Proc::spawn(&mut cmd, d.join("controller.log"));
     let api = format!("http://127.0.0.1:{api_port}");
@@ -459,6 +460,13 @@ fn a_node_not_heard_from_for_the_node_timeout_is_not_ready_until_it_speaks() {
             .output()
             .unwrap()
     };
+    // The agent pins the controller's key, written before the API answers.
+    wait_for(
+        "the controller's API",
+        T,
+        &[controller_proc.log.as_path()],
+        || cli(&["get", "nodes"]).status.success().then_some(()),
+    );
     let node = unique_node("quiet");
     // The agent resyncs every 30 minutes: between changes it is silent.
     let mut agent = start_agent(

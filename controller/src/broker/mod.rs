@@ -21,9 +21,12 @@ use std::sync::mpsc::{self, RecvTimeoutError, SyncSender};
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
-use flotilla_proto::{DesiredState, Message};
+use std::sync::Arc;
+
+use flotilla_proto::{DesiredState, Message, Topics};
 use tokio::sync::oneshot;
 
+use crate::identity::Identity;
 use admission::Policy;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -158,6 +161,18 @@ impl EmbeddedBroker {
     /// from async code, call it through `spawn_blocking`.
     pub fn start(config: BrokerConfig) -> Result<EmbeddedBroker, BrokerError> {
         Self::start_with(config, Policy::AllowAll)
+    }
+
+    /// Starts the broker with the fleet's identities: devices authenticate
+    /// with the credential `join` gave them and may use only their own
+    /// topics; the controller's session (`identity::CONTROLLER_USERNAME`)
+    /// may use every topic. See `admission.rs`.
+    pub fn start_with_identity(
+        config: BrokerConfig,
+        identity: Arc<Identity>,
+        topics: Topics,
+    ) -> Result<EmbeddedBroker, BrokerError> {
+        Self::start_with(config, Policy::Fleet { identity, topics })
     }
 
     fn start_with(config: BrokerConfig, policy: Policy) -> Result<EmbeddedBroker, BrokerError> {

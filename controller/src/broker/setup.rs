@@ -1,6 +1,6 @@
 //! Every rmqtt setting the embedded broker runs with, in one place: the
 //! server context, the retainer plugin, the hooks, and the TCP listener.
-//! Future auth (TLS listener, credentials, ACL hooks) is wired in here too.
+//! The admission and ACL hooks are wired in here (a TLS listener will be too).
 
 use std::io;
 use std::net::SocketAddr;
@@ -60,9 +60,16 @@ pub(super) async fn build(
         .map_err(setup_error("retainer plugin"))?;
 
     let hooks = scx.extends.hook_mgr().register();
-    hooks
-        .add(Type::ClientAuthenticate, Box::new(Admission::new(policy)))
-        .await;
+    // One handler per hook type, each with the same policy.
+    for hook in [
+        Type::ClientAuthenticate,
+        Type::ClientSubscribeCheckAcl,
+        Type::MessagePublishCheckAcl,
+    ] {
+        hooks
+            .add(hook, Box::new(Admission::new(policy.clone())))
+            .await;
+    }
     hooks.start().await;
 
     let server = MqttServer::new(scx)

@@ -8,7 +8,7 @@ use flotilla_proto::{ContainerSpec, Probe, ProbeAction, RestartPolicy, Volume, V
 use serde_json::{Map, Value, json};
 
 use super::quantity::{format_cpu, format_memory};
-use super::{API_VERSION, KIND, Workload};
+use super::{API_VERSION, Amount, KIND, Placement, Requests, Strategy, Workload};
 
 impl Workload {
     /// The canonical manifest, used to store a workload and to print it with
@@ -18,7 +18,13 @@ impl Workload {
     /// out, as absence is what "unset" means in a manifest. A config file is
     /// written as `content` when it is UTF-8, else as `contentBase64`.
     pub fn to_json(&self) -> Value {
-        json!({
+        let containers: Vec<Value> = self
+            .spec
+            .containers
+            .iter()
+            .map(|c| container(c, self.spec.requests.get(&c.name)))
+            .collect();
+        let mut out = json!({
             "apiVersion": API_VERSION,
             "kind": KIND,
             "metadata": {
@@ -30,10 +36,45 @@ impl Workload {
                 "restartPolicy": restart_policy(self.spec.restart_policy),
                 "terminationGracePeriodSeconds": self.spec.termination_grace_secs,
                 "volumes": self.spec.volumes.iter().map(volume).collect::<Vec<_>>(),
-                "containers": self.spec.containers.iter().map(container).collect::<Vec<_>>(),
+                "containers": containers,
             },
-        })
+        });
+        let s = &self.spec.scheduling;
+        if !s.architectures.is_empty() {
+            out["spec"]["architectures"] = json!(s.architectures);
+        }
+        match s.placement {
+            Placement::EveryNode => out["spec"]["everyNode"] = Value::Bool(true),
+            Placement::Replicas(n) => {
+                out["spec"]["replicas"] = n.into();
+                out["spec"]["tolerationSeconds"] = s.toleration_secs.into();
+                if let Some(key) = &s.spread_by {
+                    out["spec"]["spreadBy"] = Value::String(key.clone());
+                }
+            }
+        }
+        if let Some(strategy) = &self.spec.strategy {
+            out["spec"]["strategy"] = strategy_json(strategy);
+        }
+        out
     }
+}
+
+fn amount(a: Amount) -> Value {
+    match a {
+        Amount::Count(n) => n.into(),
+        Amount::Percent(p) => Value::String(format!("{p}%")),
+    }
+}
+
+fn strategy_json(s: &Strategy) -> Value {
+    json!({
+        "waves": s.waves.iter().map(|a| amount(*a)).collect::<Vec<_>>(),
+        "maxUnavailable": amount(s.max_unavailable),
+        "healthySeconds": s.healthy_secs,
+        "failureThreshold": amount(s.failure_threshold),
+        "progressDeadlineSeconds": s.progress_deadline_secs,
+    })
 }
 
 fn string_map(m: &BTreeMap<String, String>) -> Value {
@@ -52,7 +93,7 @@ fn restart_policy(p: RestartPolicy) -> &'static str {
     }
 }
 
-fn container(c: &ContainerSpec) -> Value {
+fn container(c: &ContainerSpec, requests: Option<&Requests>) -> Value {
     let mut limits = Map::new();
     if let Some(cpu) = c.resources.cpu_millis {
         limits.insert("cpu".into(), Value::String(format_cpu(cpu)));
@@ -76,6 +117,16 @@ fn container(c: &ContainerSpec) -> Value {
             "readOnly": m.read_only,
         })).collect::<Vec<_>>(),
     });
+    if let Some(r) = requests {
+        let mut asked = Map::new();
+        if let Some(cpu) = r.cpu_millis {
+            asked.insert("cpu".into(), Value::String(format_cpu(cpu)));
+        }
+        if let Some(memory) = r.memory_bytes {
+            asked.insert("memory".into(), format_memory(memory));
+        }
+        out["resources"]["requests"] = Value::Object(asked);
+    }
     if let Value::Object(map) = &mut out {
         if let Some(dir) = &c.working_dir {
             map.insert("workingDir".into(), Value::String(dir.clone()));

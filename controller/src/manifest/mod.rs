@@ -37,6 +37,8 @@ mod validate;
 mod tests;
 #[cfg(test)]
 mod tests_pod;
+#[cfg(test)]
+mod tests_scheduling;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -72,6 +74,16 @@ pub const DEFAULT_PROBE_TIMEOUT_SECS: u32 = 1;
 pub const DEFAULT_PROBE_FAILURE_THRESHOLD: u32 = 3;
 /// Permission bits of a config file when the manifest gives none.
 pub const DEFAULT_CONFIG_FILE_MODE: u32 = 0o644;
+/// Seconds a `replicas` pod stays on a NotReady node before it is moved,
+/// when the manifest gives none (Kubernetes' default eviction delay).
+pub const DEFAULT_TOLERATION_SECS: u32 = 300;
+/// Most replicas a workload may ask for.
+pub const MAX_REPLICAS: u32 = 100_000;
+/// Architectures `spec.architectures` may name (OCI `GOARCH` names).
+pub const ARCHITECTURES: &[&str] = &[
+    "amd64", "arm64", "arm", "386", "riscv64", "ppc64le", "s390x", "mips64le", "loong64",
+];
+
 /// Problems reported in full; past this they are only counted. A megabyte of
 /// `args: [1, 1, …]` would otherwise make tens of megabytes of messages.
 pub const MAX_REPORTED_ERRORS: usize = 1000;
@@ -100,6 +112,99 @@ pub struct WorkloadSpec {
     pub volumes: Vec<Volume>,
     /// At least one container, names unique; CPU in millis, memory in bytes.
     pub containers: Vec<ContainerSpec>,
+    /// Resource requests by container name, for the containers that give
+    /// any. They only guide placement, so they stay out of the wire's
+    /// `ContainerSpec`.
+    pub requests: BTreeMap<String, Requests>,
+    /// How many pods, and where.
+    pub scheduling: Scheduling,
+    /// How a new revision reaches the nodes; `None`: all at once.
+    pub strategy: Option<Strategy>,
+}
+
+/// A number of nodes, or a percentage of them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Amount {
+    /// This many nodes.
+    Count(u32),
+    /// This percentage of the nodes (1–100), rounded up.
+    Percent(u32),
+}
+
+impl Amount {
+    /// How many of `total` nodes, at most `total`.
+    pub fn of(self, total: usize) -> usize {
+        match self {
+            Self::Count(n) => (n as usize).min(total),
+            Self::Percent(p) => (total * p as usize).div_ceil(100).min(total),
+        }
+    }
+}
+
+/// A staged rollout: the nodes switch to a new revision in waves, each
+/// after the one before is healthy; too many failures roll it back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Strategy {
+    /// How many nodes run the new revision at the end of each wave
+    /// (cumulative); a last wave of every node is implied.
+    pub waves: Vec<Amount>,
+    /// Nodes switched but not yet healthy, at most, at any time.
+    pub max_unavailable: Amount,
+    /// A node is healthy once the new revision's pods are Ready this long.
+    pub healthy_secs: u32,
+    /// Failed nodes that stop the rollout and roll it back.
+    pub failure_threshold: Amount,
+    /// A node not healthy this long after it switched has failed.
+    pub progress_deadline_secs: u32,
+}
+
+/// Defaults of a strategy's fields.
+pub const DEFAULT_HEALTHY_SECS: u32 = 30;
+/// Seconds a node has to become healthy, by default.
+pub const DEFAULT_PROGRESS_DEADLINE_SECS: u32 = 300;
+
+/// What a container asks the scheduler to reserve on its node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Requests {
+    /// Thousandths of a CPU.
+    pub cpu_millis: Option<u32>,
+    /// Bytes of memory.
+    pub memory_bytes: Option<u64>,
+}
+
+/// How many pods a workload runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Placement {
+    /// One pod, named after the workload, on every node that matches (the
+    /// default when neither `everyNode` nor `replicas` is given).
+    #[default]
+    EveryNode,
+    /// This many pods, on nodes the scheduler picks, at most one per node.
+    Replicas(u32),
+}
+
+/// Where a workload's pods may go, besides `nodeSelector`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Scheduling {
+    /// Every node, or a number of replicas.
+    pub placement: Placement,
+    /// Node architectures (OCI names) the images run on; empty means any.
+    pub architectures: Vec<String>,
+    /// Label key whose values the replicas are spread across (`site`).
+    pub spread_by: Option<String>,
+    /// Seconds a replica stays on a NotReady node before it is moved.
+    pub toleration_secs: u32,
+}
+
+impl Default for Scheduling {
+    fn default() -> Self {
+        Self {
+            placement: Placement::EveryNode,
+            architectures: Vec::new(),
+            spread_by: None,
+            toleration_secs: DEFAULT_TOLERATION_SECS,
+        }
+    }
 }
 
 impl Workload {
@@ -109,6 +214,27 @@ impl Workload {
             .node_selector
             .iter()
             .all(|(k, v)| node_labels.get(k) == Some(v))
+    }
+
+    /// What one pod of the workload asks of its node: the sum of its
+    /// containers' requests (cpu millis, memory bytes).
+    pub fn total_requests(&self) -> (u64, u64) {
+        self.spec.requests.values().fold((0, 0), |(cpu, mem), r| {
+            (
+                cpu + u64::from(r.cpu_millis.unwrap_or(0)),
+                mem.saturating_add(r.memory_bytes.unwrap_or(0)),
+            )
+        })
+    }
+
+    /// Whether another workload differs from this one only in where its
+    /// pods go (so the pods themselves, and the revision, stay the same).
+    pub fn same_template(&self, other: &Workload) -> bool {
+        let (a, b) = (&self.spec, &other.spec);
+        a.restart_policy == b.restart_policy
+            && a.termination_grace_secs == b.termination_grace_secs
+            && a.volumes == b.volumes
+            && a.containers == b.containers
     }
 
     /// The pod this workload runs, under the name placement gave it.

@@ -48,6 +48,9 @@ fn workload(name: &str, containers: Vec<ContainerSpec>) -> Workload {
             termination_grace_secs: 30,
             volumes: vec![],
             containers,
+            requests: BTreeMap::new(),
+            scheduling: Scheduling::default(),
+            strategy: None,
         },
     }
 }
@@ -101,6 +104,9 @@ fn full() -> Workload {
                     ..container("side", "oci:/srv/images/side:1")
                 },
             ],
+            requests: BTreeMap::new(),
+            scheduling: Scheduling::default(),
+            strategy: None,
         },
     }
 }
@@ -302,14 +308,14 @@ fn refuses_bad_manifests_naming_each_problem() {
             format!(
                 "{}status: {{}}\n",
                 with_spec(
-                    "containers:\n- name: main\n  imagee: busybox\n  resources: {requests: {cpu: 1}}"
+                    "containers:\n- name: main\n  imagee: busybox\n  resources: {claims: {cpu: 1}}"
                 )
             ),
             vec![
                 "status: unknown field".into(),
                 "spec.containers[0].imagee: unknown field".into(),
                 "spec.containers[0].image: required".into(),
-                "spec.containers[0].resources.requests: unknown field".into(),
+                "spec.containers[0].resources.claims: unknown field".into(),
             ],
         ),
         (
@@ -719,6 +725,7 @@ fn canonical_json_spells_out_every_field() {
         "metadata": {"name": "web", "labels": {"app": "web", "flotilla.dev/tier": "front"}},
         "spec": {
             "nodeSelector": {"site": "shop12"},
+            "everyNode": true,
             "restartPolicy": "OnFailure",
             "terminationGracePeriodSeconds": 30,
             "volumes": [],

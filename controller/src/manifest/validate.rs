@@ -1,6 +1,7 @@
 //! Checking one manifest document, read as a YAML value, into a `Workload`,
 //! recording every problem with the path of the field it concerns.
 
+mod placement;
 mod probes;
 mod volumes;
 
@@ -16,7 +17,7 @@ use self::volumes::Declared;
 use super::quantity::{parse_cpu, parse_memory};
 use super::{
     API_VERSION, DEFAULT_TERMINATION_GRACE_SECS, KIND, MAX_IMAGE_BYTES, MAX_WORKING_DIR_BYTES,
-    Workload, WorkloadSpec,
+    Requests, Scheduling, Workload, WorkloadSpec,
 };
 
 /// One problem found in a document: the field's path and what is wrong.
@@ -69,6 +70,9 @@ pub fn workload(doc: &Value, problems: &mut Problems) -> Workload {
             termination_grace_secs: DEFAULT_TERMINATION_GRACE_SECS,
             volumes: Vec::new(),
             containers: Vec::new(),
+            requests: BTreeMap::new(),
+            scheduling: Scheduling::default(),
+            strategy: None,
         },
     };
     let Some(root) = c.map("", doc, &["apiVersion", "kind", "metadata", "spec"]) else {
@@ -114,9 +118,18 @@ pub fn workload(doc: &Value, problems: &mut Problems) -> Workload {
             "terminationGracePeriodSeconds",
             "volumes",
             "containers",
+            "everyNode",
+            "replicas",
+            "architectures",
+            "spreadBy",
+            "tolerationSeconds",
+            "strategy",
         ];
         if let Some(spec) = c.map("spec", spec, &fields) {
             w.spec = c.spec(spec);
+            if !w.name.is_empty() {
+                c.replica_room(&w.name, w.spec.scheduling.placement);
+            }
         }
     }
     w
@@ -334,7 +347,10 @@ impl Check<'_> {
             .and_then(|v| self.whole(grace, v, 0))
             .unwrap_or(DEFAULT_TERMINATION_GRACE_SECS);
         let (volumes, declared) = self.volumes("spec.volumes", optional(spec, "volumes"));
+        let scheduling = self.scheduling(spec);
+        let strategy = optional(spec, "strategy").and_then(|v| self.strategy(v));
         let mut containers = Vec::new();
+        let mut requests = BTreeMap::new();
         if let Some(list) = self.required("spec", spec, "containers") {
             match list {
                 Value::Sequence(items) if items.is_empty() => {
@@ -344,9 +360,12 @@ impl Check<'_> {
                     let mut seen = BTreeSet::new();
                     for (i, item) in items.iter().enumerate() {
                         let path = format!("spec.containers[{i}]");
-                        let Some(c) = self.container(&path, item, &declared) else {
+                        let Some((c, asked)) = self.container(&path, item, &declared) else {
                             continue;
                         };
+                        if let Some(asked) = asked {
+                            requests.insert(c.name.clone(), asked);
+                        }
                         if !c.name.is_empty() && !seen.insert(c.name.clone()) {
                             let msg = format!("duplicate container name {}", shown(&c.name));
                             self.err(&field(&path, "name"), msg);
@@ -363,10 +382,18 @@ impl Check<'_> {
             termination_grace_secs,
             volumes,
             containers,
+            requests,
+            scheduling,
+            strategy,
         }
     }
 
-    fn container(&mut self, path: &str, v: &Value, declared: &Declared) -> Option<ContainerSpec> {
+    fn container(
+        &mut self,
+        path: &str,
+        v: &Value,
+        declared: &Declared,
+    ) -> Option<(ContainerSpec, Option<Requests>)> {
         let fields = [
             "name",
             "image",
@@ -415,11 +442,15 @@ impl Check<'_> {
                 }
             }
         }
+        let mut requests = None;
         if let Some(v) = optional(m, "resources") {
             let at = field(path, "resources");
-            if let Some(r) = self.map(&at, v, &["limits"]) {
+            if let Some(r) = self.map(&at, v, &["limits", "requests"]) {
                 if let Some(limits) = optional(r, "limits") {
                     c.resources = self.limits(&field(&at, "limits"), limits);
+                }
+                if let Some(asked) = optional(r, "requests") {
+                    requests = self.requests(&field(&at, "requests"), asked);
                 }
             }
         }
@@ -431,7 +462,7 @@ impl Check<'_> {
         c.liveness_probe = probe("livenessProbe", ProbeKind::Liveness);
         c.readiness_probe = probe("readinessProbe", ProbeKind::Readiness);
         c.startup_probe = probe("startupProbe", ProbeKind::Startup);
-        Some(c)
+        Some((c, requests))
     }
 
     fn image(&mut self, path: &str, image: &str) -> bool {

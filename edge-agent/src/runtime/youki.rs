@@ -10,21 +10,19 @@
 
 mod cgroup;
 mod exec;
+pub mod helper;
 mod process;
 mod rootfs;
 mod spec;
 
 use std::collections::HashMap;
-use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use libcontainer::container::builder::ContainerBuilder;
 use libcontainer::container::{Container, ContainerStatus};
-use libcontainer::syscall::syscall::SyscallType;
 pub use oci_spec::runtime::Capability;
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
@@ -64,6 +62,8 @@ fn serial() -> MutexGuard<'static, ()> {
 pub struct YoukiRuntime {
     inner: Arc<Inner>,
     capabilities: Arc<[Capability]>,
+    /// The binary that makes libcontainer's clones (see [`helper`]).
+    helper: Arc<Path>,
 }
 
 struct Inner {
@@ -90,6 +90,30 @@ impl YoukiRuntime {
         let state_root = create_private_dir(&state_root)?;
         let work_root = create_private_dir(&work_root)?;
         let hierarchies = Hierarchies::detect().map_err(|e| setup(e.to_string()))?;
+        let helper = std::env::current_exe().map_err(|e| {
+            setup(format!(
+                "finding the agent binary for the runtime helper: {e}"
+            ))
+        })?;
+        // Containers are created by the helper process, so their inits start
+        // as its children; as a subreaper this process inherits them when the
+        // helper exits, and waits for and reaps them as before.
+        // SAFETY: prctl(PR_SET_CHILD_SUBREAPER) takes plain integers.
+        let set = unsafe {
+            libc::prctl(
+                libc::PR_SET_CHILD_SUBREAPER,
+                1 as libc::c_ulong,
+                0 as libc::c_ulong,
+                0 as libc::c_ulong,
+                0 as libc::c_ulong,
+            )
+        };
+        if set != 0 {
+            return Err(setup(format!(
+                "becoming a child subreaper: {}",
+                io::Error::last_os_error()
+            )));
+        }
         let runtime = Self {
             inner: Arc::new(Inner {
                 state_root,
@@ -99,6 +123,7 @@ impl YoukiRuntime {
                 exits: Mutex::new(HashMap::new()),
             }),
             capabilities: spec::default_capabilities().into(),
+            helper: helper.into(),
         };
         runtime.remove_orphan_bundles()?;
         Ok(runtime)
@@ -109,6 +134,14 @@ impl YoukiRuntime {
     /// `start` fail naming them.
     pub fn with_capabilities(mut self, capabilities: Vec<Capability>) -> Self {
         self.capabilities = capabilities.into();
+        self
+    }
+
+    /// Uses `helper` (the agent binary) for creates and execs instead of
+    /// this process's own executable: for tests, whose executable is not the
+    /// agent.
+    pub fn with_helper(mut self, helper: PathBuf) -> Self {
+        self.helper = helper.into();
         self
     }
 
@@ -169,32 +202,20 @@ impl YoukiRuntime {
         spec.save(bundle.join("config.json"))
             .map_err(|e| create(&format!("writing config.json: {e}")))?;
 
-        let (stdout, stderr) = open_log(&config.log_path).map_err(|e| {
-            create(&format!(
-                "opening log file {}: {e}",
-                config.log_path.display()
-            ))
-        })?;
-        let stdin =
-            File::open("/dev/null").map_err(|e| create(&format!("opening /dev/null: {e}")))?;
-
-        let _serial = serial();
-        let mut container = ContainerBuilder::new(id.to_owned(), SyscallType::default())
-            .with_root_path(&self.inner.state_root)
-            .and_then(ContainerBuilder::validate_id)
-            .map_err(|e| create(&chain(&e)))?
-            .with_stdin(stdin)
-            .with_stdout(stdout)
-            .with_stderr(stderr)
-            .as_init(bundle)
-            .with_systemd(false)
-            .with_detach(true)
-            .build()
-            .map_err(|e| create(&chain(&e)))?;
-        let pid = container
-            .pid()
-            .ok_or_else(|| create(&"libcontainer recorded no init pid"))?
-            .as_raw();
+        if let Some(dir) = config.log_path.parent() {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| create(&format!("creating log directory {}: {e}", dir.display())))?;
+        }
+        let pid = helper::call(
+            &self.helper,
+            &helper::Request::Create {
+                state_root: &self.inner.state_root,
+                id,
+                bundle,
+                log: &config.log_path,
+            },
+        )
+        .map_err(|e| create(&e))?;
         // Pid plus start time identify the init even after its pid is reused.
         let stat = process::stat(pid)
             .ok()
@@ -211,10 +232,16 @@ impl YoukiRuntime {
                 .forbid_swap_v2(&cgroup)
                 .map_err(|e| create(&e))?;
         }
-        container.start().map_err(|e| RuntimeError::Start {
+        let start = |reason: String| RuntimeError::Start {
             id: id.to_owned(),
-            reason: chain(&e),
-        })?;
+            reason,
+        };
+        // Starting only signals the init through its notify socket (no
+        // clone), but libcontainer changes directory to reach it.
+        let _serial = serial();
+        let mut container =
+            Container::load(self.inner.state_root.join(id)).map_err(|e| start(chain(&e)))?;
+        container.start().map_err(|e| start(chain(&e)))?;
         Ok(())
     }
 }
@@ -538,6 +565,7 @@ impl Runtime for YoukiRuntime {
             });
         }
         exec::run(
+            &self.helper,
             &self.inner.state_root,
             &self.inner.bundle(id),
             id,
@@ -649,21 +677,6 @@ fn create_private_dir(dir: &Path) -> Result<PathBuf, RuntimeError> {
         .create(dir)
         .and_then(|()| dir.canonicalize())
         .map_err(|e| setup(format!("creating {}: {e}", dir.display())))
-}
-
-/// Two descriptors on the log file: libcontainer closes stdout's after
-/// duplicating it, so stderr must not be the same one.
-fn open_log(path: &Path) -> io::Result<(File, File)> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    let file = OpenOptions::new()
-        .append(true)
-        .create(true)
-        .mode(0o640)
-        .open(path)?;
-    let second = file.try_clone()?;
-    Ok((file, second))
 }
 
 /// Writes a small file whole: a temp file renamed over it.

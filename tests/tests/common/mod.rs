@@ -199,6 +199,9 @@ impl Controller {
                 (port, true)
             }
         };
+        // Agents of the shared harness connect without credentials; the
+        // trust tests enroll theirs and start controllers without this.
+        cmd.arg("--allow-anonymous");
         cmd.env("FLOTILLA_LOG", "debug,rmqtt=warn,rmqtt_net=warn,redb=warn");
         let proc = Proc::spawn(&mut cmd, next_log(dir, "controller"));
         let api = format!("http://127.0.0.1:{api_port}");
@@ -282,6 +285,14 @@ impl Controller {
     }
 }
 
+/// How an agent started in `dir` checks desired state: it pins the key of
+/// the controller that `Controller::start` runs in the same `dir` (the
+/// controller writes `signing.pub` before its API answers).
+pub fn trust_args(dir: &Path) -> Vec<std::ffi::OsString> {
+    let key = dir.join("controller").join("signing.pub");
+    vec!["--controller-key".into(), key.into_os_string()]
+}
+
 /// A running `flotilla-agent` with the real (youki) runtime.
 pub struct Agent {
     pub proc: Proc,
@@ -314,6 +325,7 @@ impl Agent {
             .arg(&data_dir)
             .arg("--run-dir")
             .arg(&run_dir)
+            .args(trust_args(dir))
             .env("FLOTILLA_LOG", "debug");
         for l in labels {
             cmd.arg("--label").arg(l);

@@ -21,7 +21,25 @@ const MEMORY: u64 = 64 << 20;
 const CPU_MILLIS: u32 = 500;
 const PIDS: u32 = 64;
 
-fn main() -> Result<()> {
+fn main() -> std::process::ExitCode {
+    // The agent's runtime re-executes this binary as its single-threaded
+    // create/exec helper.
+    if std::env::args_os()
+        .nth(1)
+        .is_some_and(|a| a == flotilla_agent::runtime::youki::helper::ARG)
+    {
+        return flotilla_agent::runtime::youki::helper::main(std::env::args_os().skip(2).collect());
+    }
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("footprint-start-time: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let [work, runs] = args.as_slice() else {
         bail!("usage: footprint-start-time WORK_DIR RUNS");

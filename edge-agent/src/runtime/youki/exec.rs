@@ -5,18 +5,15 @@
 //! libcontainer makes it a session (and process group) leader, so whatever
 //! it started is killed with it: a probe never leaves processes behind.
 
-use std::fs::{File, OpenOptions};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use libcontainer::container::builder::ContainerBuilder;
-use libcontainer::syscall::syscall::SyscallType;
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use oci_spec::runtime::Spec;
 
 use super::process::{InitProcess, Reaped};
-use super::{KILL_PATIENCE, chain, serial};
+use super::{KILL_PATIENCE, helper, serial};
 use crate::runtime::RuntimeError;
 
 /// Prefix of the sockets the tenant builder leaves in the container's state
@@ -30,6 +27,7 @@ const MAX_ARGV_BYTES: usize = 64 * 1024;
 /// `state_root` and bundle at `bundle`); its exit code, 128 + signal when a
 /// signal ended it.
 pub(super) fn run(
+    helper: &Path,
     state_root: &Path,
     bundle: &Path,
     id: &str,
@@ -64,34 +62,21 @@ pub(super) fn run(
     let (uid, gid) = (process.user().uid(), process.user().gid());
     let cwd = process.cwd().clone();
 
-    let null = |write: bool| {
-        OpenOptions::new()
-            .read(!write)
-            .write(write)
-            .open("/dev/null")
-            .map_err(|e| other(format!("opening /dev/null: {e}")))
-    };
-    let (stdin, stdout, stderr): (File, File, File) = (null(false)?, null(true)?, null(true)?);
-
     let pid = {
-        // The tenant builder changes the process's working directory to
-        // reach the container's notify socket, as a create does.
+        let request = helper::Request::Exec {
+            state_root,
+            id,
+            cwd: &cwd,
+            uid,
+            gid,
+            argv,
+        };
+        let pid = helper::call(helper, &request);
+        // libcontainer leaves the tenant's notify socket behind; no other
+        // exec of this container uses it once its process runs.
         let _serial = serial();
-        let built = ContainerBuilder::new(id.to_owned(), SyscallType::default())
-            .with_root_path(state_root)
-            .map_err(|e| other(chain(&e)))?
-            .with_stdin(stdin)
-            .with_stdout(stdout)
-            .with_stderr(stderr)
-            .as_tenant()
-            .with_container_args(argv.to_vec())
-            .with_cwd(Some(cwd))
-            .with_user(Some(uid))
-            .with_group(Some(gid))
-            .with_detach(true)
-            .build();
         remove_notify_sockets(&state_root.join(id));
-        built.map_err(|e| other(chain(&e)))?.as_raw()
+        pid.map_err(other)?
     };
     let process = InitProcess::open(pid, None)
         .map_err(|e| other(e.to_string()))?

@@ -1,0 +1,396 @@
+//! The cluster state the control loop owns — workloads, the fleet, each
+//! node's desired pods (sharing their workload's template), revisions and
+//! rollouts — and placement over it: which nodes' desired state changes.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use flotilla_proto::{DesiredState, PodSpec};
+
+use crate::fleet::Fleet;
+use crate::manifest::{Placement, Workload};
+use crate::rollout::{History, Rollout};
+use crate::scheduler::{self, Condition, NodeFacts, Placements};
+use crate::store::Snapshot;
+
+/// The pods a node should run, sharing their workload's pod template
+/// rather than holding copies: a fleet of thousands of nodes running the
+/// same workloads holds each template once. A [`DesiredState`] is built
+/// from it only to be encoded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeDesired {
+    /// The generation last published.
+    pub generation: u64,
+    /// The pods, by workload then pod name.
+    pub pods: Vec<PlacedPod>,
+}
+
+/// One pod on a node: its name there and its workload's template.
+#[derive(Debug, Clone, Eq)]
+pub struct PlacedPod {
+    /// The pod's name on the node (`web`, or `web-2` for a replica).
+    pub name: String,
+    /// The pod as its workload describes it (its own `name` is the workload's).
+    pub template: Arc<PodSpec>,
+}
+
+impl PartialEq for PlacedPod {
+    fn eq(&self, other: &Self) -> bool {
+        self.name == other.name
+            && (Arc::ptr_eq(&self.template, &other.template) || self.template == other.template)
+    }
+}
+
+impl PlacedPod {
+    /// The workload the pod belongs to.
+    pub fn workload(&self) -> &str {
+        &self.template.workload
+    }
+}
+
+impl NodeDesired {
+    /// The wire form, for `node`.
+    pub fn to_state(&self, node: &str) -> DesiredState {
+        DesiredState {
+            node: node.to_owned(),
+            generation: self.generation,
+            pods: self
+                .pods
+                .iter()
+                .map(|p| PodSpec {
+                    name: p.name.clone(),
+                    ..(*p.template).clone()
+                })
+                .collect(),
+        }
+    }
+}
+
+/// The state the control loop owns. Read-only access is given to API
+/// handlers through [`ControlHandle::read`].
+#[derive(Debug, Default)]
+pub struct Cluster {
+    /// Workloads by name.
+    pub workloads: BTreeMap<String, Workload>,
+    /// Nodes and what they reported.
+    pub fleet: Fleet,
+    /// The desired state last published to each node.
+    pub desired: BTreeMap<String, NodeDesired>,
+    /// Each workload's pod template, shared by the nodes that run it.
+    pub(super) templates: BTreeMap<String, Arc<PodSpec>>,
+    /// Workloads whose pods could not all be placed, with why.
+    pub unschedulable: BTreeMap<String, String>,
+    /// Every workload's revisions.
+    pub history: History,
+    /// Each workload's rollout, running or the last one.
+    pub rollouts: BTreeMap<String, RolloutState>,
+}
+
+/// A rollout and the pod template of the revision it moves away from,
+/// which the nodes not switched yet keep running.
+#[derive(Debug, Clone)]
+pub struct RolloutState {
+    /// The state machine.
+    pub rollout: Rollout,
+    /// Revision `rollout.from`'s pod template.
+    pub stable: Arc<PodSpec>,
+}
+
+/// A workload's pod template, kept from `old` when it did not change so
+/// that nodes keep sharing one copy.
+pub(super) fn templates_for(
+    workloads: &BTreeMap<String, Workload>,
+    old: &BTreeMap<String, Arc<PodSpec>>,
+) -> BTreeMap<String, Arc<PodSpec>> {
+    workloads
+        .iter()
+        .map(|(name, w)| {
+            let fresh = w.pod_spec(name);
+            let t = match old.get(name) {
+                Some(t) if **t == fresh => Arc::clone(t),
+                _ => Arc::new(fresh),
+            };
+            (name.clone(), t)
+        })
+        .collect()
+}
+
+impl Cluster {
+    pub(super) fn from_snapshot(snap: Snapshot) -> Self {
+        let mut fleet = Fleet::default();
+        for (name, status) in snap.status {
+            let seen = snap.last_seen.get(&name).copied().unwrap_or(0);
+            fleet.restore(status, seen);
+        }
+        for (name, labels) in snap.node_labels {
+            fleet.set_controller_labels(&name, labels);
+        }
+        let templates = templates_for(&snap.workloads, &BTreeMap::new());
+        let desired = snap
+            .desired
+            .into_iter()
+            .map(|(node, state)| {
+                let pods = state
+                    .pods
+                    .into_iter()
+                    .map(|pod| {
+                        let as_template = PodSpec {
+                            name: pod.workload.clone(),
+                            ..pod.clone()
+                        };
+                        let template = match templates.get(&pod.workload) {
+                            Some(t) if **t == as_template => Arc::clone(t),
+                            _ => Arc::new(as_template),
+                        };
+                        PlacedPod {
+                            name: pod.name,
+                            template,
+                        }
+                    })
+                    .collect();
+                let generation = state.generation;
+                (node, NodeDesired { generation, pods })
+            })
+            .collect();
+        let mut cluster = Self {
+            workloads: snap.workloads,
+            fleet,
+            desired,
+            templates,
+            unschedulable: BTreeMap::new(),
+            history: History::restore(snap.revisions),
+            rollouts: BTreeMap::new(),
+        };
+        for rollout in snap.rollouts {
+            let name = rollout.workload.clone();
+            let old = cluster.history.list(&name).iter();
+            let Some(from) = old.clone().find(|r| r.number == rollout.from) else {
+                tracing::warn!(workload = %name, revision = rollout.from, "dropping a rollout whose old revision is gone");
+                continue;
+            };
+            let fresh = from.workload.pod_spec(&name);
+            // Share the template with the nodes that run it, as at start.
+            let stable = cluster
+                .desired
+                .values()
+                .flat_map(|d| &d.pods)
+                .find(|p| *p.template == fresh)
+                .map_or_else(|| Arc::new(fresh), |p| Arc::clone(&p.template));
+            cluster
+                .rollouts
+                .insert(name, RolloutState { rollout, stable });
+        }
+        cluster
+    }
+
+    /// The nodes the scheduler may use: those that reported at least once.
+    fn facts(&self) -> Vec<NodeFacts> {
+        self.fleet
+            .nodes()
+            .iter()
+            .filter_map(|(name, node)| {
+                let info = &node.status.as_ref()?.info;
+                Some(NodeFacts {
+                    name: name.clone(),
+                    labels: node.labels(),
+                    arch: info.arch.clone(),
+                    cpu_millis: u64::from(info.cpus) * 1000,
+                    memory_bytes: info.memory_bytes,
+                    condition: node.condition(),
+                })
+            })
+            .collect()
+    }
+
+    /// Where pods are now, as the scheduler reads it.
+    pub(super) fn current(&self) -> Placements {
+        let mut out = Placements::new();
+        for (node, d) in &self.desired {
+            for pod in &d.pods {
+                out.entry(pod.workload().to_owned())
+                    .or_default()
+                    .insert(node.clone(), pod.name.clone());
+            }
+        }
+        out
+    }
+
+    /// Places `workloads` and returns the new desired states of the nodes
+    /// whose pods changed (or whose agent holds a newer generation than the
+    /// store remembers), with the generation bumped, and why some pods
+    /// could not be placed.
+    /// During a rollout, nodes not switched yet keep the old template.
+    pub(super) fn plan(
+        &self,
+        workloads: &BTreeMap<String, Workload>,
+        templates: &BTreeMap<String, Arc<PodSpec>>,
+        rollouts: &BTreeMap<String, RolloutState>,
+        now_ms: u64,
+    ) -> (Vec<(String, NodeDesired)>, BTreeMap<String, String>) {
+        let schedule = scheduler::schedule(&self.facts(), workloads, &self.current(), now_ms);
+        let mut by_node: BTreeMap<&str, Vec<PlacedPod>> = BTreeMap::new();
+        for (workload, pods) in &schedule.placements {
+            let Some(template) = templates.get(workload) else {
+                continue;
+            };
+            let rollout = rollouts.get(workload).filter(|r| r.rollout.phase.active());
+            for (node, pod) in pods {
+                let template = match rollout {
+                    Some(r) if !r.rollout.switched.contains_key(node) => &r.stable,
+                    _ => template,
+                };
+                by_node.entry(node).or_default().push(PlacedPod {
+                    name: pod.clone(),
+                    template: Arc::clone(template),
+                });
+            }
+        }
+        let names: BTreeSet<&str> = self
+            .fleet
+            .nodes()
+            .keys()
+            .map(String::as_str)
+            .chain(self.desired.keys().map(String::as_str))
+            .collect();
+        let mut out = Vec::new();
+        for node in names {
+            let pods = by_node.remove(node).unwrap_or_default();
+            let last = self.desired.get(node);
+            let published = last.map_or(0, |d| d.generation);
+            let observed = self
+                .fleet
+                .get(node)
+                .and_then(|n| n.status.as_ref())
+                .map_or(0, |s| s.observed_generation);
+            let same = last.is_some_and(|d| d.pods == pods);
+            if same && observed <= published {
+                continue;
+            }
+            if last.is_none() && pods.is_empty() && observed == 0 {
+                continue;
+            }
+            let generation = published.max(observed) + 1;
+            out.push((node.to_owned(), NodeDesired { generation, pods }));
+        }
+        (out, schedule.unschedulable)
+    }
+
+    /// Whether a replica sits on a node NotReady for longer than its
+    /// workload tolerates, so placement must run again.
+    pub(super) fn tolerance_passed(&self, now_ms: u64) -> bool {
+        self.desired.iter().any(|(node, d)| {
+            let Some(Condition::NotReady { since_ms }) =
+                self.fleet.get(node).map(|n| n.condition())
+            else {
+                return false;
+            };
+            d.pods.iter().any(|p| {
+                self.workloads.get(p.workload()).is_some_and(|w| {
+                    matches!(w.spec.scheduling.placement, Placement::Replicas(_))
+                        && now_ms.saturating_sub(since_ms)
+                            > u64::from(w.spec.scheduling.toleration_secs) * 1000
+                })
+            })
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flotilla_proto::{Label, NodeInfo, NodeStatus};
+
+    fn workload(text: &str) -> Workload {
+        crate::manifest::parse(text).unwrap().remove(0)
+    }
+
+    fn status(node: &str, site: &str, observed: u64) -> NodeStatus {
+        NodeStatus {
+            node: node.into(),
+            instance: 1,
+            seq: observed + 1,
+            observed_generation: observed,
+            desired_error: None,
+            health: Default::default(),
+            info: NodeInfo {
+                labels: vec![Label {
+                    key: "site".into(),
+                    value: site.into(),
+                }],
+                ..NodeInfo::default()
+            },
+            pods: vec![],
+        }
+    }
+
+    const WEB: &str = "apiVersion: flotilla.dev/v1\nkind: Workload\nmetadata: {name: web}\n\
+                       spec:\n  nodeSelector: {site: a}\n  containers: [{name: main, image: oci:/x}]\n";
+
+    #[test]
+    fn placement_follows_selectors_and_generations_only_grow() {
+        let mut cluster = Cluster::default();
+        cluster.fleet.ingest_status(status("n1", "a", 0), 1);
+        cluster.fleet.ingest_status(status("n2", "b", 0), 1);
+        cluster.fleet.ingest_status(status("n3", "a", 0), 1);
+        let mut workloads = BTreeMap::new();
+        workloads.insert("web".to_string(), workload(WEB));
+        let templates = templates_for(&workloads, &BTreeMap::new());
+        let none = BTreeMap::new();
+        let plan = |c: &Cluster, w: &BTreeMap<String, Workload>| c.plan(w, &templates, &none, 1).0;
+
+        let changed = plan(&cluster, &workloads);
+        let nodes: Vec<&str> = changed.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(nodes, ["n1", "n3"], "n2 does not match and had nothing");
+        let (_, d1) = &changed[0];
+        assert_eq!(d1.generation, 1);
+        assert_eq!(d1.to_state("n1").pods[0].name, "web");
+        // One template, shared by both nodes.
+        assert!(Arc::ptr_eq(
+            &d1.pods[0].template,
+            &changed[1].1.pods[0].template
+        ));
+        for (node, d) in changed {
+            cluster.desired.insert(node, d);
+        }
+
+        // Same inputs: nothing to publish.
+        assert!(plan(&cluster, &workloads).is_empty());
+
+        // The agent holds a newer generation than the store (store lost):
+        // the next generation goes above it.
+        cluster.fleet.ingest_status(status("n1", "a", 40), 2);
+        let changed = plan(&cluster, &workloads);
+        assert_eq!(changed.len(), 1);
+        assert_eq!(changed[0].1.generation, 41);
+
+        // Removing the workload empties the nodes' pods with a new generation.
+        let changed = plan(&cluster, &BTreeMap::new());
+        assert_eq!(changed[0].1.generation, 41);
+        assert!(changed[0].1.pods.is_empty());
+        assert_eq!(changed.len(), 2);
+    }
+
+    #[test]
+    fn a_stored_desired_state_shares_the_workloads_template() {
+        let web = workload(WEB);
+        let state = DesiredState {
+            node: "n1".into(),
+            generation: 3,
+            pods: vec![
+                web.pod_spec("web"),
+                PodSpec {
+                    termination_grace_secs: 1,
+                    ..web.pod_spec("web")
+                },
+            ],
+        };
+        let mut snap = Snapshot::default();
+        snap.workloads.insert("web".into(), web);
+        snap.desired.insert("n1".into(), state.clone());
+        let cluster = Cluster::from_snapshot(snap);
+        let d = &cluster.desired["n1"];
+        assert!(Arc::ptr_eq(&d.pods[0].template, &cluster.templates["web"]));
+        assert!(!Arc::ptr_eq(&d.pods[1].template, &cluster.templates["web"]));
+        assert_eq!(d.to_state("n1"), state);
+    }
+}

@@ -1,0 +1,210 @@
+//! The single-threaded helper process that makes libcontainer's clones.
+//!
+//! libcontainer creates a container's processes with a raw `clone3`, which
+//! skips libc's fork handlers: in a multi-threaded process the child can
+//! deadlock on a lock another thread held at that instant (musl's malloc
+//! lock; seen as a create that never finished in the emulated aarch64
+//! machine under load). So every create and exec runs in a short-lived
+//! helper — the agent binary itself, re-executed with [`ARG`] — which has
+//! one thread. libcontainer clones with `CLONE_PARENT`, so the container's
+//! processes are still the agent's children: it watches and reaps them as
+//! before.
+
+use std::ffi::OsString;
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Stdio};
+
+use libcontainer::container::builder::ContainerBuilder;
+use libcontainer::syscall::syscall::SyscallType;
+
+use super::chain;
+
+/// First argument that makes the agent binary act as the helper.
+pub const ARG: &str = "__runtime-helper";
+
+/// Most bytes of the helper's error output kept for the error message.
+const MAX_ERROR_BYTES: usize = 4096;
+
+/// What the helper is asked to do.
+#[derive(Debug)]
+pub(super) enum Request<'a> {
+    /// Create (not start) container `id` from `bundle`, output appended to `log`.
+    Create {
+        state_root: &'a Path,
+        id: &'a str,
+        bundle: &'a Path,
+        log: &'a Path,
+    },
+    /// Start `argv` inside running container `id`.
+    Exec {
+        state_root: &'a Path,
+        id: &'a str,
+        cwd: &'a Path,
+        uid: u32,
+        gid: u32,
+        argv: &'a [String],
+    },
+}
+
+/// In the agent: runs the helper for `request` and returns the pid of the
+/// process it created (the container's init, or the exec'd command), or the
+/// helper's error message.
+pub(super) fn call(helper: &Path, request: &Request<'_>) -> Result<i32, String> {
+    let mut cmd = Command::new(helper);
+    cmd.arg(ARG);
+    match request {
+        Request::Create {
+            state_root,
+            id,
+            bundle,
+            log,
+        } => {
+            cmd.arg("create")
+                .arg(state_root)
+                .arg(id)
+                .arg(bundle)
+                .arg(log);
+        }
+        Request::Exec {
+            state_root,
+            id,
+            cwd,
+            uid,
+            gid,
+            argv,
+        } => {
+            cmd.arg("exec")
+                .arg(state_root)
+                .arg(id)
+                .arg(cwd)
+                .arg(uid.to_string())
+                .arg(gid.to_string())
+                .arg("--")
+                .args(argv.iter());
+        }
+    }
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("running the runtime helper {}: {e}", helper.display()))?;
+    if out.status.success() {
+        let text = String::from_utf8_lossy(&out.stdout);
+        return text
+            .trim()
+            .parse::<i32>()
+            .map_err(|_| format!("the runtime helper printed {:?}, not a pid", text.trim()));
+    }
+    let mut err = String::from_utf8_lossy(&out.stderr).trim().to_owned();
+    if err.len() > MAX_ERROR_BYTES {
+        let mut end = MAX_ERROR_BYTES;
+        while !err.is_char_boundary(end) {
+            end -= 1;
+        }
+        err.truncate(end);
+    }
+    if err.is_empty() {
+        err = format!("the runtime helper failed ({})", out.status);
+    }
+    Err(err)
+}
+
+/// In the helper process: does what `args` (after [`ARG`]) ask, prints the
+/// new process's pid, and exits. Nothing else runs in this process.
+pub fn main(args: Vec<OsString>) -> ExitCode {
+    match serve(args) {
+        Ok(pid) => {
+            println!("{pid}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn serve(args: Vec<OsString>) -> Result<i32, String> {
+    let mut args = args.into_iter();
+    let mut next = |what: &str| {
+        args.next()
+            .ok_or_else(|| format!("runtime helper: missing {what}"))
+    };
+    let op = next("operation")?;
+    let state_root = PathBuf::from(next("state root")?);
+    let id = next("container id")?
+        .into_string()
+        .map_err(|_| "runtime helper: container id is not UTF-8".to_owned())?;
+    let null = |write: bool| {
+        OpenOptions::new()
+            .read(!write)
+            .write(write)
+            .open("/dev/null")
+            .map_err(|e| format!("opening /dev/null: {e}"))
+    };
+    match op.to_str() {
+        Some("create") => {
+            let bundle = PathBuf::from(next("bundle")?);
+            let log = PathBuf::from(next("log path")?);
+            let out = OpenOptions::new()
+                .append(true)
+                .create(true)
+                .mode(0o640)
+                .open(&log)
+                .map_err(|e| format!("opening log file {}: {e}", log.display()))?;
+            let err: File = out
+                .try_clone()
+                .map_err(|e| format!("opening log file {}: {e}", log.display()))?;
+            let container = ContainerBuilder::new(id, SyscallType::default())
+                .with_root_path(&state_root)
+                .and_then(ContainerBuilder::validate_id)
+                .map_err(|e| chain(&e))?
+                .with_stdin(null(false)?)
+                .with_stdout(out)
+                .with_stderr(err)
+                .as_init(&bundle)
+                .with_systemd(false)
+                .with_detach(true)
+                .build()
+                .map_err(|e| chain(&e))?;
+            container
+                .pid()
+                .map(|p| p.as_raw())
+                .ok_or_else(|| "libcontainer recorded no init pid".to_owned())
+        }
+        Some("exec") => {
+            let cwd = PathBuf::from(next("working directory")?);
+            let number = |s: OsString, what: &str| {
+                s.to_str()
+                    .and_then(|s| s.parse::<u32>().ok())
+                    .ok_or_else(|| format!("runtime helper: bad {what}"))
+            };
+            let uid = number(next("uid")?, "uid")?;
+            let gid = number(next("gid")?, "gid")?;
+            if next("--")? != "--" {
+                return Err("runtime helper: expected -- before the command".into());
+            }
+            let argv: Vec<String> = args
+                .map(|a| a.into_string())
+                .collect::<Result<_, _>>()
+                .map_err(|_| "runtime helper: command is not UTF-8".to_owned())?;
+            let pid = ContainerBuilder::new(id, SyscallType::default())
+                .with_root_path(&state_root)
+                .map_err(|e| chain(&e))?
+                .with_stdin(null(false)?)
+                .with_stdout(null(true)?)
+                .with_stderr(null(true)?)
+                .as_tenant()
+                .with_container_args(argv)
+                .with_cwd(Some(cwd))
+                .with_user(Some(uid))
+                .with_group(Some(gid))
+                .with_detach(true)
+                .build()
+                .map_err(|e| chain(&e))?;
+            Ok(pid.as_raw())
+        }
+        _ => Err(format!("runtime helper: unknown operation {op:?}")),
+    }
+}
