@@ -437,24 +437,12 @@ fn read_capped(path: &Path) -> Result<Option<Vec<u8>>, StateError> {
 
 #[cfg(test)]
 mod tests {
-    use flotilla_proto::{ContainerSpec, PodSpec, Resources, RestartPolicy, encode};
+    use flotilla_proto::{ContainerSpec, PodSpec, RestartPolicy, encode};
 
     use super::*;
 
     fn container(name: &str) -> ContainerSpec {
-        ContainerSpec {
-            name: name.into(),
-            image: "oci:/img".into(),
-            command: vec![],
-            args: vec![],
-            env: vec![],
-            working_dir: None,
-            resources: Resources::default(),
-            volume_mounts: vec![],
-            liveness_probe: None,
-            readiness_probe: None,
-            startup_probe: None,
-        }
+        ContainerSpec::new(name, "oci:/img")
     }
 
     fn desired(generation: u64, pods: &[(&str, &[&str])]) -> DesiredState {

@@ -13,7 +13,7 @@ use flotilla_agent::config::Config;
 use flotilla_agent::image::FakeImages;
 use flotilla_agent::reconciler::container_id;
 use flotilla_agent::runtime::fake::FakeRuntime;
-use flotilla_proto::{ContainerSpec, DesiredState, PodSpec, Resources, RestartPolicy, encode};
+use flotilla_proto::{ContainerSpec, DesiredState, PodSpec, RestartPolicy, encode};
 use tokio_util::sync::CancellationToken;
 
 const DEADLINE: Duration = Duration::from_secs(15);
@@ -35,17 +35,8 @@ fn state(node: &str, generation: u64, pod: &str) -> DesiredState {
 
 fn spec() -> ContainerSpec {
     ContainerSpec {
-        name: "c".into(),
-        image: "oci:/images/app:latest".into(),
         command: vec!["serve".into()],
-        args: vec![],
-        env: vec![],
-        working_dir: None,
-        resources: Resources::default(),
-        volume_mounts: vec![],
-        liveness_probe: None,
-        readiness_probe: None,
-        startup_probe: None,
+        ..ContainerSpec::new("c", "oci:/images/app:latest")
     }
 }
 

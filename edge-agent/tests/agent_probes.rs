@@ -16,7 +16,7 @@ use flotilla_agent::report::{self, ReportTiming};
 use flotilla_agent::runtime::fake::FakeRuntime;
 use flotilla_proto::{
     ConfigFile, ContainerSpec, ContainerState, DesiredState, NodeInfo, NodeStatus, PodSpec,
-    PodStatus, Probe, ProbeAction, Resources, RestartPolicy, Volume, VolumeMount, VolumeSource,
+    PodStatus, Probe, ProbeAction, RestartPolicy, Volume, VolumeMount, VolumeSource,
 };
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -27,17 +27,8 @@ const PATIENCE: Duration = Duration::from_secs(3600);
 
 fn container(name: &str) -> ContainerSpec {
     ContainerSpec {
-        name: name.into(),
-        image: "oci:/images/fake:latest".into(),
         command: vec!["serve".into()],
-        args: vec![],
-        env: vec![],
-        working_dir: None,
-        resources: Resources::default(),
-        volume_mounts: vec![],
-        liveness_probe: None,
-        readiness_probe: None,
-        startup_probe: None,
+        ..ContainerSpec::new(name, "oci:/images/fake:latest")
     }
 }
 

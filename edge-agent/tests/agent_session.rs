@@ -16,8 +16,8 @@ use flotilla_agent::image::FakeImages;
 use flotilla_agent::reconciler::container_id;
 use flotilla_agent::runtime::fake::FakeRuntime;
 use flotilla_proto::{
-    ContainerSpec, DesiredState, NodeStatus, PodPhase, PodSpec, Presence, Resources, RestartPolicy,
-    Topics, decode, encode,
+    ContainerSpec, DesiredState, NodeStatus, PodPhase, PodSpec, Presence, RestartPolicy, Topics,
+    decode, encode,
 };
 use rumqttc::{AsyncClient, Event, MqttOptions, NetworkOptions, Packet, QoS};
 use tokio::sync::mpsc;
@@ -232,17 +232,8 @@ impl Agent {
 
 fn app(version: &str) -> ContainerSpec {
     ContainerSpec {
-        name: "app".into(),
-        image: "oci:/images/app:latest".into(),
         command: vec!["serve".into(), version.into()],
-        args: vec![],
-        env: vec![],
-        working_dir: None,
-        resources: Resources::default(),
-        volume_mounts: vec![],
-        liveness_probe: None,
-        readiness_probe: None,
-        startup_probe: None,
+        ..ContainerSpec::new("app", "oci:/images/app:latest")
     }
 }
 

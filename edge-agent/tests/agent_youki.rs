@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use flotilla_agent::config::{Config, RuntimeKind};
-use flotilla_proto::{ContainerSpec, DesiredState, PodSpec, Resources, RestartPolicy, encode};
+use flotilla_proto::{ContainerSpec, DesiredState, PodSpec, RestartPolicy, encode};
 use tokio_util::sync::CancellationToken;
 
 const DEADLINE: Duration = Duration::from_secs(30);
@@ -19,17 +19,8 @@ const NODE: &str = "agent-youki-test";
 
 fn container(name: &str, image: &str, script: &str) -> ContainerSpec {
     ContainerSpec {
-        name: name.into(),
-        image: image.into(),
         command: vec!["sh".into(), "-c".into(), script.into()],
-        args: vec![],
-        env: vec![],
-        working_dir: None,
-        resources: Resources::default(),
-        volume_mounts: vec![],
-        liveness_probe: None,
-        readiness_probe: None,
-        startup_probe: None,
+        ..ContainerSpec::new(name, image)
     }
 }
 

@@ -169,6 +169,26 @@ pub struct ContainerSpec {
     pub startup_probe: Option<Probe>,
 }
 
+impl ContainerSpec {
+    /// A container running `image` as the image says: no command or args of
+    /// its own, no environment, limits, mounts or probes.
+    pub fn new(name: impl Into<String>, image: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            image: image.into(),
+            command: Vec::new(),
+            args: Vec::new(),
+            env: Vec::new(),
+            working_dir: None,
+            resources: Resources::default(),
+            volume_mounts: Vec::new(),
+            liveness_probe: None,
+            readiness_probe: None,
+            startup_probe: None,
+        }
+    }
+}
+
 /// One environment variable.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EnvVar {

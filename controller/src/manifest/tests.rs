@@ -23,19 +23,7 @@ fn with_container(fields: &str) -> String {
 }
 
 fn container(name: &str, image: &str) -> ContainerSpec {
-    ContainerSpec {
-        name: name.into(),
-        image: image.into(),
-        command: vec![],
-        args: vec![],
-        env: vec![],
-        working_dir: None,
-        resources: Resources::default(),
-        volume_mounts: vec![],
-        liveness_probe: None,
-        readiness_probe: None,
-        startup_probe: None,
-    }
+    ContainerSpec::new(name, image)
 }
 
 fn workload(name: &str, containers: Vec<ContainerSpec>) -> Workload {

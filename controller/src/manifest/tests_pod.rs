@@ -3,7 +3,7 @@
 //! exact lines a user sees, and the canonical form reading back.
 
 use flotilla_proto::{
-    ConfigFile, ContainerSpec, Probe, ProbeAction, Resources, Volume, VolumeMount, VolumeSource,
+    ConfigFile, ContainerSpec, Probe, ProbeAction, Volume, VolumeMount, VolumeSource,
 };
 
 use super::*;
@@ -22,19 +22,7 @@ fn manifest(spec_fields: &str, container_fields: &str) -> String {
 }
 
 fn main_container() -> ContainerSpec {
-    ContainerSpec {
-        name: "main".into(),
-        image: "busybox".into(),
-        command: vec![],
-        args: vec![],
-        env: vec![],
-        working_dir: None,
-        resources: Resources::default(),
-        volume_mounts: vec![],
-        liveness_probe: None,
-        readiness_probe: None,
-        startup_probe: None,
-    }
+    ContainerSpec::new("main", "busybox")
 }
 
 fn parsed(text: &str) -> Workload {
