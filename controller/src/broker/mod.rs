@@ -62,10 +62,10 @@ pub struct BrokerConfig {
     /// session expires. Default 7 days. Retained messages never expire.
     pub message_expiry: Duration,
     /// Most messages queued per session while its client is away or slow.
-    /// Default 1000.
+    /// Default 200,000 (the controller's session takes every node's status).
     pub max_queued_messages: usize,
     /// Most QoS 1/2 messages in flight (unacknowledged) per client.
-    /// Default 16.
+    /// Default 256.
     pub max_inflight: NonZeroU16,
     /// Most retained messages kept (a node uses three topics). When reached,
     /// retained messages on new topics are not stored. Default 1,000,000.
@@ -85,8 +85,12 @@ impl BrokerConfig {
             max_packet_size: 2 * 1024 * 1024,
             session_expiry: 7 * DAY,
             message_expiry: 7 * DAY,
-            max_queued_messages: 1000,
-            max_inflight: NonZeroU16::new(16).unwrap_or(NonZeroU16::MIN),
+            // The controller's one session receives every node's status: a
+            // fleet-wide burst (an apply, a broker restart) must queue, not
+            // drop. A device's session only ever queues its own desired
+            // state and requests, so the cap costs nothing there.
+            max_queued_messages: 200_000,
+            max_inflight: NonZeroU16::new(256).unwrap_or(NonZeroU16::MIN),
             max_retained_messages: 1_000_000,
             max_connections: 100_000,
             worker_threads: NonZeroUsize::new(cpus.min(4)).unwrap_or(NonZeroUsize::MIN),
