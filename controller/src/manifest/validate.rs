@@ -408,19 +408,7 @@ impl Check<'_> {
             "startupProbe",
         ];
         let m = self.map(path, v, &fields)?;
-        let mut c = ContainerSpec {
-            name: String::new(),
-            image: String::new(),
-            command: Vec::new(),
-            args: Vec::new(),
-            env: Vec::new(),
-            working_dir: None,
-            resources: Resources::default(),
-            volume_mounts: Vec::new(),
-            liveness_probe: None,
-            readiness_probe: None,
-            startup_probe: None,
-        };
+        let mut c = ContainerSpec::new(String::new(), String::new());
         if let Some(name) = self.required_str(path, m, "name") {
             if self.name(&field(path, "name"), name) {
                 c.name = name.to_owned();
