@@ -7,6 +7,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Duration;
@@ -204,20 +206,8 @@ async fn a_dropped_connection_resumes_where_it_stopped_and_the_container_runs() 
     );
     assert_eq!(marker(&image), "resumed");
 
-    use flotilla_agent::runtime::youki::YoukiRuntime;
     use flotilla_agent::runtime::{ContainerConfig, Runtime};
-    let cgroup_parent = format!(
-        "flotilla-test-pull-{}-{}",
-        std::process::id(),
-        rand::random::<u32>()
-    );
-    let rt = YoukiRuntime::new(
-        dir.path().join("state"),
-        dir.path().join("work"),
-        cgroup_parent,
-    )
-    .unwrap()
-    .with_helper(env!("CARGO_BIN_EXE_flotilla-agent").into());
+    let rt = common::youki_runtime(dir.path(), &common::unique_cgroup_parent("pull"));
     let log = dir.path().join("c.log");
     let config = ContainerConfig {
         id: "pulled.main.00000000".into(),

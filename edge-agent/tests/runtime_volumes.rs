@@ -7,9 +7,8 @@
 // Helpers outside `#[test]` functions panic on purpose: they are test code.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::os::unix::fs::{PermissionsExt, symlink};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use flotilla_agent::runtime::youki::YoukiRuntime;
@@ -17,30 +16,10 @@ use flotilla_agent::runtime::{ContainerConfig, Exit, Mount, Runtime, RuntimeErro
 use flotilla_proto::Resources;
 use tempfile::TempDir;
 
+mod common;
+use common::{busybox_rootfs, unique_cgroup_parent, youki_runtime};
+
 const DEADLINE: Duration = Duration::from_secs(30);
-
-const APPLETS: &[&str] = &[
-    "sh", "echo", "sleep", "cat", "true", "touch", "grep", "id", "test", "ls",
-];
-
-/// A busybox root filesystem with a `nobody` user.
-fn busybox_rootfs(dir: &Path) -> PathBuf {
-    let root = dir.join("image");
-    for d in ["bin", "etc", "tmp"] {
-        std::fs::create_dir_all(root.join(d)).unwrap();
-    }
-    std::fs::set_permissions(root.join("tmp"), std::fs::Permissions::from_mode(0o1777)).unwrap();
-    std::fs::copy("/bin/busybox", root.join("bin/busybox")).unwrap();
-    for applet in APPLETS {
-        symlink("busybox", root.join("bin").join(applet)).unwrap();
-    }
-    std::fs::write(
-        root.join("etc/passwd"),
-        "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n",
-    )
-    .unwrap();
-    root
-}
 
 /// A runtime in its own directories and cgroup parent; its containers are
 /// deleted when the test ends, however it ends.
@@ -53,22 +32,10 @@ struct Fixture {
 
 impl Fixture {
     fn new() -> Self {
-        static N: AtomicU32 = AtomicU32::new(0);
         let dir = tempfile::tempdir().unwrap();
         let image = busybox_rootfs(dir.path());
-        let cgroup_parent = format!(
-            "flotilla-test-vol-{}-{}-{}/node",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed),
-            rand::random::<u32>()
-        );
-        let rt = YoukiRuntime::new(
-            dir.path().join("state"),
-            dir.path().join("work"),
-            cgroup_parent,
-        )
-        .unwrap()
-        .with_helper(env!("CARGO_BIN_EXE_flotilla-agent").into());
+        let cgroup_parent = unique_cgroup_parent("vol");
+        let rt = youki_runtime(dir.path(), &cgroup_parent);
         Self {
             rt,
             dir,

@@ -6,9 +6,7 @@
 // Helpers outside `#[test]` functions panic on purpose: they are test code.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::os::unix::fs::symlink;
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use flotilla_agent::runtime::youki::{Capability, YoukiRuntime};
@@ -16,30 +14,10 @@ use flotilla_agent::runtime::{ContainerConfig, Exit, Runtime, RuntimeError};
 use flotilla_proto::Resources;
 use tempfile::TempDir;
 
+mod common;
+use common::{busybox_rootfs, unique_cgroup_parent, youki_runtime};
+
 const DEADLINE: Duration = Duration::from_secs(30);
-
-/// Applets linked into the test image.
-const APPLETS: &[&str] = &[
-    "sh", "echo", "sleep", "cat", "true", "false", "head", "tr", "wc", "ls", "touch", "grep",
-];
-
-/// A busybox root filesystem: `bin/busybox`, applet symlinks, `/etc/passwd`.
-fn busybox_rootfs(dir: &Path) -> PathBuf {
-    let root = dir.join("image");
-    std::fs::create_dir_all(root.join("bin")).unwrap();
-    std::fs::create_dir_all(root.join("etc")).unwrap();
-    std::fs::create_dir_all(root.join("tmp")).unwrap();
-    std::fs::copy("/bin/busybox", root.join("bin/busybox")).unwrap();
-    for applet in APPLETS {
-        symlink("busybox", root.join("bin").join(applet)).unwrap();
-    }
-    std::fs::write(
-        root.join("etc/passwd"),
-        "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n",
-    )
-    .unwrap();
-    root
-}
 
 /// One runtime with its own directories and cgroup parent, and the
 /// containers started through it, deleted when the test ends however it ends.
@@ -53,22 +31,10 @@ struct Fixture {
 
 impl Fixture {
     fn new() -> Self {
-        static N: AtomicU32 = AtomicU32::new(0);
         let dir = tempfile::tempdir().unwrap();
         let image = busybox_rootfs(dir.path());
-        let cgroup_parent = format!(
-            "flotilla-test-{}-{}-{}/node",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed),
-            rand::random::<u32>()
-        );
-        let rt = YoukiRuntime::new(
-            dir.path().join("state"),
-            dir.path().join("work"),
-            cgroup_parent.clone(),
-        )
-        .unwrap()
-        .with_helper(env!("CARGO_BIN_EXE_flotilla-agent").into());
+        let cgroup_parent = unique_cgroup_parent("rt");
+        let rt = youki_runtime(dir.path(), &cgroup_parent);
         Self {
             rt,
             dir,
@@ -523,13 +489,7 @@ async fn a_restarted_agent_adopts_running_containers() {
     std::fs::create_dir_all(orphan.join("upper/etc")).unwrap();
     std::fs::write(orphan.join("config.json"), "{}").unwrap();
     // A second runtime over the same directories, as after an agent restart.
-    let again = YoukiRuntime::new(
-        f.dir.path().join("state"),
-        f.dir.path().join("work"),
-        f.cgroup_parent.clone(),
-    )
-    .unwrap()
-    .with_helper(env!("CARGO_BIN_EXE_flotilla-agent").into());
+    let again = youki_runtime(f.dir.path(), &f.cgroup_parent);
     assert!(is_running(&again, "adopt.main.1"));
     assert!(!orphan.exists(), "orphan bundle kept");
     assert!(f.rt.bundle_of("adopt.main.1").exists());
