@@ -7,23 +7,18 @@
 // Helpers outside #[test] fns panic on setup failures too: that fails the test.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::sync::Arc;
+mod common;
+
 use std::time::Duration;
 
-use flotilla_agent::image::FakeImages;
-use flotilla_agent::reconciler::{self, ReconcilerHandle, Settings, container_id_with_volumes};
-use flotilla_agent::report::{self, ReportTiming};
+use common::reconciler::{Harness, desired, until};
+use flotilla_agent::reconciler::container_id_with_volumes;
 use flotilla_agent::runtime::fake::FakeRuntime;
 use flotilla_proto::{
-    ConfigFile, ContainerSpec, ContainerState, DesiredState, NodeInfo, NodeStatus, PodSpec,
-    PodStatus, Probe, ProbeAction, RestartPolicy, Volume, VolumeMount, VolumeSource,
+    ConfigFile, ContainerSpec, ContainerState, PodSpec, PodStatus, Probe, ProbeAction,
+    RestartPolicy, Volume, VolumeMount, VolumeSource,
 };
-use tokio::sync::watch;
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
-
-const PATIENCE: Duration = Duration::from_secs(3600);
 
 fn container(name: &str) -> ContainerSpec {
     ContainerSpec {
@@ -57,125 +52,16 @@ fn pod(name: &str, policy: RestartPolicy, containers: Vec<ContainerSpec>) -> Pod
     }
 }
 
-fn desired(generation: u64, pods: Vec<PodSpec>) -> DesiredState {
-    DesiredState {
-        node: "n1".into(),
-        generation,
-        pods,
-    }
-}
-
 fn id_of(p: &PodSpec, i: usize) -> String {
     container_id_with_volumes(&p.name, &p.containers[i], &p.volumes)
 }
 
-struct Harness {
-    runtime: FakeRuntime,
-    reconciler: ReconcilerHandle,
-    status: watch::Receiver<NodeStatus>,
-    tracker: TaskTracker,
-    shutdown: CancellationToken,
-    dir: tempfile::TempDir,
-}
-
-impl Harness {
-    fn start() -> Self {
-        let runtime = FakeRuntime::new();
-        let dir = tempfile::tempdir().unwrap();
-        let tracker = TaskTracker::new();
-        let shutdown = CancellationToken::new();
-        let timing = ReportTiming {
-            debounce: Duration::from_millis(100),
-            resync: Duration::from_secs(1800),
-        };
-        let (reports, status) = report::spawn(
-            "n1".into(),
-            1,
-            NodeInfo::default(),
-            0,
-            timing,
-            &tracker,
-            shutdown.clone(),
-        );
-        let settings = Settings {
-            data_dir: dir.path().to_path_buf(),
-            stop_grace: Duration::from_secs(10),
-        };
-        let reconciler = reconciler::spawn(
-            Arc::new(runtime.clone()),
-            Arc::new(FakeImages),
-            settings,
-            None,
-            reports,
-            &tracker,
-            shutdown.clone(),
-        );
-        Self {
-            runtime,
-            reconciler,
-            status,
-            tracker,
-            shutdown,
-            dir,
-        }
-    }
-
-    async fn apply(&self, d: DesiredState) {
-        self.reconciler.apply(d).await.unwrap();
-    }
-
-    /// Waits (in paused time) for pod `name`'s status to satisfy `pred`.
-    async fn pod_where(
-        &mut self,
-        name: &str,
-        what: &str,
-        pred: impl Fn(&PodStatus) -> bool,
-    ) -> PodStatus {
-        let rx = &mut self.status;
-        let found = tokio::time::timeout(PATIENCE, async {
-            loop {
-                {
-                    let s = rx.borrow_and_update();
-                    if let Some(p) = s.pods.iter().find(|p| p.name == name && pred(p)) {
-                        return p.clone();
-                    }
-                }
-                rx.changed().await.unwrap();
-            }
-        })
-        .await;
-        match found {
-            Ok(p) => p,
-            Err(_) => panic!("timed out waiting for {what}; last: {:#?}", *rx.borrow()),
-        }
-    }
-
-    /// The first container of pod `name`, as last reported.
-    fn first(&self, name: &str) -> (bool, u32, ContainerState) {
-        let s = self.status.borrow();
-        let p = s.pods.iter().find(|p| p.name == name).unwrap();
-        let c = &p.containers[0];
-        (c.ready, c.restarts, c.state.clone())
-    }
-
-    async fn stop(self) {
-        self.shutdown.cancel();
-        self.tracker.close();
-        tokio::time::timeout(Duration::from_secs(5), self.tracker.wait())
-            .await
-            .expect("every task ends after shutdown");
-    }
-}
-
-/// Polls `cond` every 10 ms (of paused time) until it holds.
-async fn until(what: &str, cond: impl Fn() -> bool) {
-    let ok = tokio::time::timeout(PATIENCE, async {
-        while !cond() {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await;
-    assert!(ok.is_ok(), "timed out waiting for {what}");
+/// The first container of pod `name`, as last reported: ready, restarts, state.
+fn first(h: &Harness, name: &str) -> (bool, u32, ContainerState) {
+    let s = h.status.borrow();
+    let p = s.pods.iter().find(|p| p.name == name).unwrap();
+    let c = &p.containers[0];
+    (c.ready, c.restarts, c.state.clone())
 }
 
 fn running(p: &PodStatus) -> bool {
@@ -184,7 +70,7 @@ fn running(p: &PodStatus) -> bool {
 
 #[tokio::test(start_paused = true)]
 async fn without_probes_a_running_container_is_ready() {
-    let mut h = Harness::start();
+    let mut h = Harness::start(FakeRuntime::new(), None);
     h.apply(desired(
         1,
         vec![pod("plain", RestartPolicy::Always, vec![container("c")])],
@@ -204,7 +90,7 @@ async fn liveness_failures_restart_the_container() {
     });
     let p = pod("web", RestartPolicy::Always, vec![c]);
     let id = id_of(&p, 0);
-    let mut h = Harness::start();
+    let mut h = Harness::start(FakeRuntime::new(), None);
     h.runtime.set_exec("live", Some(0));
     let t0 = Instant::now();
     h.apply(desired(1, vec![p])).await;
@@ -215,7 +101,7 @@ async fn liveness_failures_restart_the_container() {
     until("second check", || h.runtime.exec_count("live") == 2).await;
     assert_eq!(t0.elapsed().as_secs(), 25);
     assert!(
-        h.first("web").0,
+        first(&h, "web").0,
         "a container without readiness probe is ready"
     );
 
@@ -244,7 +130,7 @@ async fn liveness_failure_is_shown_and_follows_the_restart_policy() {
     });
     let p = pod("never", RestartPolicy::Never, vec![c]);
     let id = id_of(&p, 0);
-    let mut h = Harness::start();
+    let mut h = Harness::start(FakeRuntime::new(), None);
     h.runtime.set_exec("dead", Some(2));
     h.apply(desired(1, vec![p])).await;
     let p = h
@@ -281,18 +167,18 @@ async fn readiness_toggles_ready_with_both_thresholds() {
     });
     let p = pod("web", RestartPolicy::Always, vec![c]);
     let id = id_of(&p, 0);
-    let mut h = Harness::start();
+    let mut h = Harness::start(FakeRuntime::new(), None);
     h.runtime.set_exec("ready", Some(1));
     h.apply(desired(1, vec![p])).await;
     h.pod_where("web", "running", running).await;
     until("two checks", || h.runtime.exec_count("ready") == 2).await;
-    assert!(!h.first("web").0, "not ready while the probe fails");
+    assert!(!first(&h, "web").0, "not ready while the probe fails");
 
     // One success is not enough; the second makes it ready.
     h.runtime.set_exec("ready", Some(0));
     until("one success", || h.runtime.exec_count("ready") == 3).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
-    assert!(!h.first("web").0, "ready after a single success");
+    assert!(!first(&h, "web").0, "ready after a single success");
     h.pod_where("web", "ready", |p| p.containers[0].ready).await;
     assert_eq!(h.runtime.exec_count("ready"), 4);
 
@@ -300,7 +186,7 @@ async fn readiness_toggles_ready_with_both_thresholds() {
     h.runtime.set_exec("ready", Some(1));
     until("one failure", || h.runtime.exec_count("ready") == 5).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
-    assert!(h.first("web").0, "unready after a single failure");
+    assert!(first(&h, "web").0, "unready after a single failure");
     let p = h
         .pod_where("web", "unready", |p| !p.containers[0].ready)
         .await;
@@ -322,7 +208,7 @@ async fn startup_probe_holds_the_others_back() {
     c.liveness_probe = Some(exec("live", 10));
     c.readiness_probe = Some(exec("ready", 10));
     let p = pod("slow", RestartPolicy::Always, vec![c]);
-    let mut h = Harness::start();
+    let mut h = Harness::start(FakeRuntime::new(), None);
     h.runtime.set_exec("started", Some(1));
     h.runtime.set_exec("live", Some(1));
     h.runtime.set_exec("ready", Some(0));
@@ -334,7 +220,7 @@ async fn startup_probe_holds_the_others_back() {
     .await;
     assert_eq!(h.runtime.exec_count("live"), 0);
     assert_eq!(h.runtime.exec_count("ready"), 0);
-    assert!(!h.first("slow").0, "not ready before startup passes");
+    assert!(!first(&h, "slow").0, "not ready before startup passes");
 
     // Once it passes it stops; the others start at once (their initial
     // delay is long past).
@@ -346,7 +232,7 @@ async fn startup_probe_holds_the_others_back() {
     assert_eq!(h.runtime.exec_count("started"), 11);
     assert_eq!(h.runtime.exec_count("ready"), 7);
     assert_eq!(h.runtime.exec_count("live"), 7);
-    assert_eq!(h.first("slow").1, 0);
+    assert_eq!(first(&h, "slow").1, 0);
     h.stop().await;
 }
 
@@ -359,7 +245,7 @@ async fn a_startup_probe_that_never_passes_restarts_the_container() {
     });
     c.liveness_probe = Some(exec("live", 1));
     let p = pod("stuck", RestartPolicy::Always, vec![c]);
-    let mut h = Harness::start();
+    let mut h = Harness::start(FakeRuntime::new(), None);
     h.runtime.set_exec("started", Some(1));
     h.runtime.set_exec("live", Some(0));
     let t0 = Instant::now();
@@ -397,7 +283,7 @@ async fn liveness_counts_only_consecutive_failures() {
     c.liveness_probe = Some(exec("live", 10));
     let p = pod("flaky", RestartPolicy::Always, vec![c]);
     let id = id_of(&p, 0);
-    let mut h = Harness::start();
+    let mut h = Harness::start(FakeRuntime::new(), None);
     h.runtime.set_exec("live", Some(1));
     h.apply(desired(1, vec![p])).await;
     h.pod_where("flaky", "running", running).await;
@@ -461,7 +347,7 @@ async fn volumes_follow_their_pod_and_changes_replace_mounting_containers() {
     assert_ne!(reader1, reader2);
     assert_eq!(other, id_of(&v2, 1));
 
-    let mut h = Harness::start();
+    let mut h = Harness::start(FakeRuntime::new(), None);
     let pod_dir = h.dir.path().join("pods/vols");
     let file = pod_dir.join("config/conf/app/settings.conf");
     h.apply(desired(1, vec![v1])).await;

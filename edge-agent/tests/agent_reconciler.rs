@@ -4,39 +4,24 @@
 // Helpers outside #[test] fns panic on setup failures too: that fails the test.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::path::Path;
-use std::sync::Arc;
 use std::time::Duration;
 
-use flotilla_agent::image::FakeImages;
-use flotilla_agent::reconciler::{self, ReconcilerHandle, Settings, container_id};
-use flotilla_agent::report::{self, ReportTiming};
+use common::reconciler::{Harness, PATIENCE, desired, until};
+use flotilla_agent::reconciler::container_id;
 use flotilla_agent::runtime::fake::FakeRuntime;
 use flotilla_agent::runtime::{ContainerConfig, Runtime};
 use flotilla_proto::{
-    ContainerSpec, ContainerState, DesiredState, NodeInfo, NodeStatus, PodPhase, PodSpec,
-    PodStatus, Resources, RestartPolicy,
+    ContainerSpec, ContainerState, PodPhase, PodSpec, PodStatus, Resources, RestartPolicy,
 };
-use tokio::sync::watch;
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
-
-const PATIENCE: Duration = Duration::from_secs(3600);
 
 fn container(name: &str, command: &[&str]) -> ContainerSpec {
     ContainerSpec {
-        name: name.into(),
-        image: "oci:/images/fake:latest".into(),
         command: command.iter().map(|s| (*s).to_owned()).collect(),
-        args: vec![],
-        env: vec![],
-        working_dir: None,
-        resources: Resources::default(),
-        volume_mounts: vec![],
-        liveness_probe: None,
-        readiness_probe: None,
-        startup_probe: None,
+        ..ContainerSpec::new(name, "oci:/images/fake:latest")
     }
 }
 
@@ -49,124 +34,6 @@ fn pod(name: &str, policy: RestartPolicy, containers: Vec<ContainerSpec>) -> Pod
         volumes: vec![],
         containers,
     }
-}
-
-fn desired(generation: u64, pods: Vec<PodSpec>) -> DesiredState {
-    DesiredState {
-        node: "n1".into(),
-        generation,
-        pods,
-    }
-}
-
-struct Harness {
-    runtime: FakeRuntime,
-    reconciler: ReconcilerHandle,
-    status: watch::Receiver<NodeStatus>,
-    tracker: TaskTracker,
-    shutdown: CancellationToken,
-    dir: tempfile::TempDir,
-}
-
-impl Harness {
-    fn start(runtime: FakeRuntime, initial: Option<DesiredState>) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let tracker = TaskTracker::new();
-        let shutdown = CancellationToken::new();
-        let timing = ReportTiming {
-            debounce: Duration::from_millis(100),
-            resync: Duration::from_secs(1800),
-        };
-        let (reports, status) = report::spawn(
-            "n1".into(),
-            1,
-            NodeInfo::default(),
-            0,
-            timing,
-            &tracker,
-            shutdown.clone(),
-        );
-        let settings = Settings {
-            data_dir: dir.path().to_path_buf(),
-            stop_grace: Duration::from_secs(10),
-        };
-        let reconciler = reconciler::spawn(
-            Arc::new(runtime.clone()),
-            Arc::new(FakeImages),
-            settings,
-            initial,
-            reports,
-            &tracker,
-            shutdown.clone(),
-        );
-        Self {
-            runtime,
-            reconciler,
-            status,
-            tracker,
-            shutdown,
-            dir,
-        }
-    }
-
-    async fn apply(&self, d: DesiredState) {
-        self.reconciler.apply(d).await.unwrap();
-    }
-
-    /// Waits (in paused time) until the status satisfies `pred`.
-    async fn status_where(&mut self, what: &str, pred: impl Fn(&NodeStatus) -> bool) -> NodeStatus {
-        let rx = &mut self.status;
-        let found = tokio::time::timeout(PATIENCE, async {
-            loop {
-                {
-                    let s = rx.borrow_and_update();
-                    if pred(&s) {
-                        return s.clone();
-                    }
-                }
-                rx.changed().await.unwrap();
-            }
-        })
-        .await;
-        match found {
-            Ok(s) => s,
-            Err(_) => panic!(
-                "timed out waiting for {what}; last status: {:#?}",
-                *rx.borrow()
-            ),
-        }
-    }
-
-    async fn pod_where(
-        &mut self,
-        name: &str,
-        what: &str,
-        pred: impl Fn(&PodStatus) -> bool,
-    ) -> PodStatus {
-        let s = self
-            .status_where(what, |s| s.pods.iter().any(|p| p.name == name && pred(p)))
-            .await;
-        s.pods.into_iter().find(|p| p.name == name).unwrap()
-    }
-
-    async fn stop(self) {
-        self.shutdown.cancel();
-        self.tracker.close();
-        tokio::time::timeout(Duration::from_secs(5), self.tracker.wait())
-            .await
-            .expect("every task ends after shutdown");
-    }
-}
-
-/// Polls `cond` every 10 ms (of paused time) until it holds.
-async fn until(what: &str, cond: impl Fn() -> bool) {
-    let ok = tokio::time::timeout(PATIENCE, async {
-        while !cond() {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await;
-    assert!(ok.is_ok(), "timed out waiting for {what}");
 }
 
 /// Whole seconds, to the nearest: polling adds a few milliseconds.

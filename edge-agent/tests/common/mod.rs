@@ -10,6 +10,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use flotilla_agent::runtime::youki::YoukiRuntime;
 
+pub mod reconciler;
+
 /// Applets linked into the test root filesystem.
 const APPLETS: &[&str] = &[
     "sh", "echo", "sleep", "cat", "true", "false", "head", "tr", "wc", "ls", "touch", "grep", "id",
