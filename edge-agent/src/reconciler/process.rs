@@ -29,9 +29,9 @@ impl StartFailure {
 }
 
 /// The runtime id of a container: `{pod}.{container}.{hash}`, the hash being
-/// the first 8 hex digits of the SHA-256 of the spec's postcard encoding.
-/// A changed spec gets a new id, and a restarted agent recognises its
-/// containers by id alone.
+/// the first 8 hex digits of a SHA-256 over the spec's [stable
+/// encoding](stable_encoding). A changed spec gets a new id, and a restarted
+/// agent recognises its containers by id alone.
 ///
 /// This is the id of a container that mounts no volume; the reconciler uses
 /// [`container_id_with_volumes`], which gives the same id for such a one.
@@ -44,24 +44,41 @@ pub fn container_id(pod: &str, spec: &ContainerSpec) -> String {
 /// config file edited, a host path moved) replaces exactly the containers
 /// that see it.
 pub fn container_id_with_volumes(pod: &str, spec: &ContainerSpec, volumes: &[Volume]) -> String {
-    let mut bytes = spec_bytes(spec);
+    let mut h = Sha256::new();
+    hash_part(&mut h, &stable_encoding(spec));
     for m in &spec.volume_mounts {
         if let Some(v) = volumes.iter().find(|v| v.name == m.name) {
-            bytes
-                .extend(postcard::to_allocvec(v).unwrap_or_else(|_| format!("{v:?}").into_bytes()));
+            hash_part(&mut h, &stable_encoding(v));
         }
     }
-    let digest = Sha256::digest(bytes);
+    let digest = h.finalize();
     let hex: String = digest[..4].iter().map(|b| format!("{b:02x}")).collect();
     format!("{pod}.{}.{hex}", spec.name)
 }
 
-/// The postcard encoding of `spec`: the wire format, so it is stable for
-/// a given protocol version.
-fn spec_bytes(spec: &ContainerSpec) -> Vec<u8> {
+/// Feeds one part, length first, so parts cannot run into each other.
+fn hash_part(h: &mut Sha256, part: &[u8]) {
+    h.update((part.len() as u64).to_le_bytes());
+    h.update(part);
+}
+
+/// The postcard encoding of `value` without its trailing zero bytes.
+///
+/// Why: an agent upgraded to a protocol whose `ContainerSpec` (or `Volume`)
+/// gained fields must not replace every running container. New fields are
+/// only ever appended, and their defaults (`None`, empty, `false`, 0) encode
+/// as zero bytes, so cutting trailing zeros gives an old spec the same hash
+/// under the new protocol. Within one protocol version the cut loses
+/// nothing: postcard encodings of one type are prefix-free, so two
+/// encodings that differ only in trailing zeros cannot both exist.
+fn stable_encoding<T: serde::Serialize + std::fmt::Debug>(value: &T) -> Vec<u8> {
     // Serializing a plain struct into a Vec cannot fail; the fallback still
     // gives a stable id.
-    postcard::to_allocvec(spec).unwrap_or_else(|_| format!("{spec:?}").into_bytes())
+    let mut bytes =
+        postcard::to_allocvec(value).unwrap_or_else(|_| format!("{value:?}").into_bytes());
+    let kept = bytes.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1);
+    bytes.truncate(kept);
+    bytes
 }
 
 /// Splits a runtime id made by [`container_id`] into pod and container
@@ -280,15 +297,26 @@ mod tests {
         let mut changed = spec.clone();
         changed.args = s(&["-c", "true"]);
         assert_ne!(container_id("shop", &changed), id);
-        // The hash covers exactly the spec's own encoding.
-        let bytes = spec_bytes(&spec);
+        // The hash covers the spec's own encoding, trailing zeros cut.
+        let bytes = stable_encoding(&spec);
         assert_eq!(bytes[0], 3, "the name's length comes first");
         assert_eq!(&bytes[1..4], b"web");
+        assert_ne!(bytes.last(), Some(&0));
 
-        // Pinned (and checked by hashing hand-written postcard bytes): a
-        // different hash for the same spec would make an upgraded agent
-        // replace every running container.
-        assert_eq!(id, "shop.web.a7f96c7c");
+        // A later protocol that appends fields to ContainerSpec (a tuple
+        // encodes as its parts one after the other) hashes an old spec with
+        // the new fields at their defaults to the same id, and a set new
+        // field to another one.
+        let grown = (spec.clone(), None::<String>, Vec::<u32>::new(), false, 0u8);
+        assert_eq!(stable_encoding(&grown), bytes);
+        let set = (spec.clone(), None::<String>, Vec::<u32>::new(), true, 0u8);
+        assert_ne!(stable_encoding(&set), bytes);
+
+        // Pinned (and checked by hashing the hand-written bytes
+        // `03 web 08 oci:/img 01 07 /bin/sh`, length first): a different hash
+        // for the same spec would make an upgraded agent replace every
+        // running container.
+        assert_eq!(id, "shop.web.6a59388e");
 
         // Volumes count only when mounted, and then by their definition.
         use flotilla_proto::{VolumeMount, VolumeSource};
