@@ -1,22 +1,27 @@
 #!/bin/sh
 # Installs a Flotilla binary and its systemd unit, then enables and starts it.
 #
-#   install.sh agent [--bin FILE] [--broker mqtt://HOST:PORT] [--node NAME]
-#                    [--label k=v]... [--join http://CONTROLLER:7470 --token T]
-#                    [--no-start]
-#   install.sh controller [--bin FILE] [--mqtt-listen ADDR:PORT] [--no-start]
+#   install.sh agent [--bin FILE] [--broker mqtt(s)://HOST:PORT] [--node NAME]
+#                    [--label k=v]... [--join https://CONTROLLER:7470 --token T
+#                    [--ca FILE]] [--no-start]
+#   install.sh controller [--bin FILE] [--mqtts-listen ADDR:PORT]
+#                    [--mqtt-listen ADDR:PORT] [--api-listen ADDR:PORT] [--no-start]
 #
 # --bin defaults to the binary next to this script (cross/build puts both in
 # target/cross/dist/<target>/). Settings go to /etc/flotilla/agent.env or
 # controller.env: written when flags are given or the file is missing, kept
-# otherwise. --join enrolls the device (`flotilla-agent join`: its broker
-# credential and the controller's key go to /var/lib/flotilla-agent/identity)
-# before the agent starts. DESTDIR installs into another root (an image being
+# otherwise. --join enrolls the device (`flotilla-agent join`: its
+# certificate or broker password and the controller's key go to
+# /var/lib/flotilla-agent/identity) before the agent starts; a device given a
+# certificate needs no --broker (the join answer names the broker). The
+# controller's defaults: MQTT over TLS on 0.0.0.0:8883, the plain listener on
+# loopback, the API (HTTPS, tokens) on 0.0.0.0:7470 so devices can join and
+# renew their certificates. DESTDIR installs into another root (an image being
 # built): nothing is run then. PREFIX (default /usr/local) is where bin/ goes.
 set -eu
 
 usage() {
-  sed -n '3,8p' "$0" | sed 's/^# \{0,1\}//' >&2
+  sed -n '3,9p' "$0" | sed 's/^# \{0,1\}//' >&2
   exit 2
 }
 die() {
@@ -35,16 +40,20 @@ esac
 
 here=$(cd "$(dirname "$0")" && pwd)
 bin=$here/$name
-broker='' node='' labels='' listen='' join='' token='' start=yes settings=no
+broker='' node='' labels='' listen='' tls_listen='' api_listen='' join='' token='' ca=''
+start=yes settings=no
 while [ $# -gt 0 ]; do
   case $1 in
     --bin) bin=${2:?--bin needs a file}; shift ;;
-    --broker) broker=${2:?--broker needs mqtt://HOST:PORT}; settings=yes; shift ;;
+    --broker) broker=${2:?--broker needs mqtt(s)://HOST:PORT}; settings=yes; shift ;;
     --node) node=${2:?--node needs a name}; settings=yes; shift ;;
     --label) labels=${labels:+$labels,}${2:?--label needs key=value}; settings=yes; shift ;;
     --mqtt-listen) listen=${2:?--mqtt-listen needs ADDR:PORT}; settings=yes; shift ;;
-    --join) join=${2:?--join needs http://CONTROLLER:7470}; shift ;;
+    --mqtts-listen) tls_listen=${2:?--mqtts-listen needs ADDR:PORT}; settings=yes; shift ;;
+    --api-listen) api_listen=${2:?--api-listen needs ADDR:PORT}; settings=yes; shift ;;
+    --join) join=${2:?--join needs https://CONTROLLER:7470}; shift ;;
     --token) token=${2:?--token needs the token from flotilla token create}; shift ;;
+    --ca) ca=${2:?--ca needs the controller CA file}; shift ;;
     --no-start) start=no ;;
     *) usage ;;
   esac
@@ -73,14 +82,16 @@ mkdir -p "$root/etc/flotilla"
 if [ "$settings" = yes ] || [ ! -f "$conf" ]; then
   [ -f "$conf" ] && cp "$conf" "$conf.old"
   if [ "$what" = agent ]; then
-    [ -n "$broker" ] || die "$conf: missing: give --broker mqtt://HOST:PORT (and --node, --label)"
+    [ -n "$broker" ] || [ -n "$join" ] ||
+      die "$conf: missing: give --join (and --token) or --broker mqtt(s)://HOST:PORT (and --node, --label)"
     if [ -z "$node" ]; then
       # Node names are DNS labels: lowercase the host name, '-' for the rest.
       node=$(hostname | tr 'A-Z' 'a-z' | tr -c 'a-z0-9-\n' '-' | cut -c1-63)
     fi
     {
       echo "# flotilla-agent settings (README, \"flotilla-agent\"); read by $unit"
-      echo "FLOTILLA_BROKER=$broker"
+      # Without it, the broker named at join (certificate-enrolled devices).
+      [ -z "$broker" ] || echo "FLOTILLA_BROKER=$broker"
       echo "FLOTILLA_NODE=$node"
       # An empty FLOTILLA_LABELS would be read as one empty label.
       [ -z "$labels" ] || echo "FLOTILLA_LABELS=$labels"
@@ -89,8 +100,10 @@ if [ "$settings" = yes ] || [ ! -f "$conf" ]; then
   else
     {
       echo "# flotilla serve settings (README, \"flotilla serve\"); read by $unit"
-      echo "FLOTILLA_MQTT_LISTEN=${listen:-0.0.0.0:1883}"
-      echo "FLOTILLA_API_LISTEN=127.0.0.1:7470"
+      echo "FLOTILLA_MQTTS_LISTEN=${tls_listen:-0.0.0.0:8883}"
+      # The plain listener: loopback unless asked (password-enrolled fleets).
+      [ -z "$listen" ] || echo "FLOTILLA_MQTT_LISTEN=$listen"
+      echo "FLOTILLA_API_LISTEN=${api_listen:-0.0.0.0:7470}"
     } >"$conf"
   fi
   chmod 0644 "$conf"
@@ -117,7 +130,7 @@ if [ -n "$join" ]; then
     set -a
     . "$conf"
     "$prefix/bin/$name" join --server "$join" --token "$token" --node "$FLOTILLA_NODE" \
-      --data-dir "$FLOTILLA_DATA_DIR"
+      --data-dir "$FLOTILLA_DATA_DIR" ${ca:+--ca "$ca"}
   ) || die "joining $join failed"
 fi
 [ "$start" = no ] && exit 0

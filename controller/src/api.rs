@@ -11,31 +11,42 @@
 //! | `POST /v1/workloads/{name}/undo` | body `{"toRevision": N}` or `{}` (the one before the newest) |
 //! | `GET /v1/workloads/{name}/rollout` | its rollout: waves, nodes switched, healthy, failed |
 //! | `POST /v1/workloads/{name}/rollout/pause`, `…/resume` | hold or go on |
+//! | `GET /v1/secrets[/{name}]` | Secrets: names, types, keys and sizes, never values |
+//! | `DELETE /v1/secrets/{name}` | delete a Secret |
+//! | `GET /v1/namespaces[/{name}]` | namespaces: what each allows, its workloads |
+//! | `DELETE /v1/namespaces/{name}` | delete a namespace (refused while workloads are in it) |
 //! | `GET /v1/pods[/{name}]` | pods (`{workload}@{node}`) |
 //! | `GET /v1/pods/{name}/logs?container=&tail=&cursor=` | a piece of a container's log, fetched from its node |
 //! | `GET /healthz` | liveness |
 //!
 //! Errors are `{"error": "…"}` with a 4xx/5xx status; a refused manifest also
-//! lists every problem under `errors`.
+//! lists every problem under `errors`. A manifest holding a `Namespace` needs
+//! an admin token: namespaces decide which privileges containers may have.
+//!
+//! Every route needs a bearer API token of a least role, set in one table,
+//! `crate::auth::ROUTES`; `serve` puts the check in front of this router,
+//! and a route missing from that table is refused to every token: add a new
+//! route there too.
 
 use std::collections::HashMap;
-use std::future::Future;
 use std::time::Duration;
 
-use axum::Router;
 use axum::extract::{DefaultBodyLimit, FromRef, Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use axum::{Extension, Router};
 use flotilla_proto::{
     LogCursor, LogsRequest, RpcCall, RpcResult, check_label_key, check_label_value,
 };
 use serde_json::{Value, json};
-use tokio::net::TcpListener;
 
-use crate::control::{Cluster, ControlError, ControlHandle};
+use crate::auth::Caller;
+use crate::control::{Cluster, ControlError, ControlHandle, NamespaceError};
 use crate::fleet::Readiness;
+use crate::identity::api_tokens::Role;
 use crate::manifest;
+use crate::manifest::namespace::Violation;
 use crate::mqtt::MqttHandle;
 use crate::rollout::RolloutError;
 use crate::rpc::RpcError;
@@ -80,23 +91,18 @@ pub fn router(control: ControlHandle, mqtt: MqttHandle) -> Router {
         .route("/v1/workloads/{name}/rollout", get(rollout_status))
         .route("/v1/workloads/{name}/rollout/pause", post(rollout_pause))
         .route("/v1/workloads/{name}/rollout/resume", post(rollout_resume))
+        .route("/v1/secrets", get(list_secrets))
+        .route("/v1/secrets/{name}", get(get_secret).delete(delete_secret))
+        .route("/v1/namespaces", get(list_namespaces))
+        .route(
+            "/v1/namespaces/{name}",
+            get(get_namespace).delete(delete_namespace),
+        )
         .route("/v1/pods", get(list_pods))
         .route("/v1/pods/{name}", get(get_pod))
         .route("/v1/pods/{name}/logs", get(pod_logs))
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(ApiState { control, mqtt })
-}
-
-/// Serves the API on `listener` until `shutdown` resolves.
-pub async fn serve(
-    listener: TcpListener,
-    control: ControlHandle,
-    mqtt: MqttHandle,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
-    axum::serve(listener, router(control, mqtt))
-        .with_graceful_shutdown(shutdown)
-        .await
 }
 
 /// An API error: a status and a message.
@@ -117,6 +123,11 @@ impl From<ControlError> for ApiError {
             ControlError::NoSuchNode(_) => StatusCode::NOT_FOUND,
             ControlError::Rollout(RolloutError::NoWorkload(_)) => StatusCode::NOT_FOUND,
             ControlError::Rollout(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            ControlError::Secret(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ControlError::Namespace(NamespaceError::Refused(v)) => {
+                return refused(&v);
+            }
+            ControlError::Namespace(_) => StatusCode::CONFLICT,
         };
         ApiError(status, json!({ "error": e.to_string() }))
     }
@@ -135,8 +146,26 @@ fn not_found(kind: &str, name: &str) -> ApiError {
 
 type ApiResult = Result<axum::Json<Value>, ApiError>;
 
-async fn apply(State(control): State<ControlHandle>, body: String) -> ApiResult {
-    let workloads = manifest::parse(&body).map_err(|errors| {
+/// A manifest whose workloads their namespaces do not allow, answered as
+/// a manifest with problems is, each named by workload and path.
+fn refused(v: &[Violation]) -> ApiError {
+    let list: Vec<Value> = v
+        .iter()
+        .map(|v| json!({ "workload": v.workload, "path": v.path, "message": v.message }))
+        .collect();
+    let text: Vec<String> = v.iter().map(ToString::to_string).collect();
+    ApiError(
+        StatusCode::UNPROCESSABLE_ENTITY,
+        json!({ "error": format!("manifest refused:\n{}", text.join("\n")), "errors": list }),
+    )
+}
+
+async fn apply(
+    State(control): State<ControlHandle>,
+    caller: Option<Extension<Caller>>,
+    body: String,
+) -> ApiResult {
+    let objects = manifest::parse_objects(&body).map_err(|errors| {
         let list: Vec<Value> = errors
             .0
             .iter()
@@ -147,12 +176,81 @@ async fn apply(State(control): State<ControlHandle>, body: String) -> ApiResult 
             json!({ "error": format!("manifest refused:\n{errors}"), "errors": list }),
         )
     })?;
-    let applied = control.apply(workloads).await?;
-    let list: Vec<Value> = applied
-        .iter()
-        .map(|(name, a)| json!({ "kind": "Workload", "name": name, "result": a.as_str() }))
+    if !objects.namespaces.is_empty() {
+        // Whoever writes a namespace decides which privileges containers
+        // get: an operator could otherwise grant itself a privileged one.
+        let role = caller.as_ref().map(|Extension(c)| c.role);
+        if role != Some(Role::Admin) {
+            let who = caller.map_or_else(String::new, |Extension(c)| {
+                format!("; api token {:?} is {}", c.name, c.role.as_str())
+            });
+            return Err(error(
+                StatusCode::FORBIDDEN,
+                format!("applying a Namespace needs the admin role{who}"),
+            ));
+        }
+    }
+    let done = control.apply_objects(objects).await?;
+    let kinds = std::iter::repeat("Namespace")
+        .zip(&done.namespaces)
+        .chain(std::iter::repeat("Secret").zip(&done.secrets))
+        .chain(std::iter::repeat("Workload").zip(&done.workloads));
+    let list: Vec<Value> = kinds
+        .map(|(kind, (name, a))| json!({ "kind": kind, "name": name, "result": a.as_str() }))
         .collect();
-    Ok(axum::Json(json!({ "applied": list })))
+    let warnings: Vec<String> = done
+        .warnings
+        .iter()
+        .map(|v| {
+            format!("{v} (its pods keep running; its next change is refused until this is fixed)")
+        })
+        .collect();
+    Ok(axum::Json(json!({ "applied": list, "warnings": warnings })))
+}
+
+async fn list_namespaces(State(control): State<ControlHandle>) -> ApiResult {
+    read(&control, |c| json!({ "items": view::namespaces(c) })).await
+}
+
+async fn get_namespace(
+    State(control): State<ControlHandle>,
+    Path(name): Path<String>,
+) -> ApiResult {
+    read_one(&control, "namespace", name, view::namespace).await
+}
+
+async fn delete_namespace(
+    State(control): State<ControlHandle>,
+    Path(name): Path<String>,
+) -> ApiResult {
+    if control.delete_namespace(name.clone()).await? {
+        Ok(axum::Json(
+            json!({ "deleted": { "kind": "Namespace", "name": name } }),
+        ))
+    } else {
+        Err(not_found("namespace", &name))
+    }
+}
+
+async fn list_secrets(State(control): State<ControlHandle>) -> ApiResult {
+    read(&control, |c| json!({ "items": view::secrets(c) })).await
+}
+
+async fn get_secret(State(control): State<ControlHandle>, Path(name): Path<String>) -> ApiResult {
+    read_one(&control, "secret", name, view::secret).await
+}
+
+async fn delete_secret(
+    State(control): State<ControlHandle>,
+    Path(name): Path<String>,
+) -> ApiResult {
+    if control.delete_secret(name.clone()).await? {
+        Ok(axum::Json(
+            json!({ "deleted": { "kind": "Secret", "name": name } }),
+        ))
+    } else {
+        Err(not_found("secret", &name))
+    }
 }
 
 async fn read(
@@ -178,23 +276,26 @@ async fn read_one(
 async fn list_nodes(
     State(control): State<ControlHandle>,
     Query(query): Query<HashMap<String, String>>,
-) -> ApiResult {
+) -> Result<Response, ApiError> {
     let selector = match query.get("labelSelector") {
         Some(text) => parse_selector(text).map_err(|e| error(StatusCode::BAD_REQUEST, e))?,
         None => Vec::new(),
     };
-    read(&control, move |c| {
-        let items: Vec<Value> = view::nodes(c)
-            .into_iter()
-            .filter(|n| {
-                selector
-                    .iter()
-                    .all(|(k, v)| n["labels"][k.as_str()].as_str() == Some(v.as_str()))
+    // Written out node by node (see `view::nodes_text`): a large fleet's
+    // listing holds its text, not a tree of JSON values per node.
+    let body = control
+        .read(move |c| {
+            view::nodes_text(c, |node| {
+                let labels = node.labels();
+                selector.iter().all(|(k, v)| labels.get(k) == Some(v))
             })
-            .collect();
-        json!({ "items": items })
-    })
-    .await
+        })
+        .await?;
+    Ok((
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        body,
+    )
+        .into_response())
 }
 
 /// `k=v,k2=v2`: every pair must match.
@@ -379,8 +480,7 @@ fn log_target(c: &Cluster, name: &str) -> Option<LogTarget> {
             (p.name.clone(), names)
         });
     let reported = || {
-        node.status
-            .as_ref()?
+        node.status()?
             .pods
             .iter()
             .find(|p| p.workload == workload)

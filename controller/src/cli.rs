@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use serde_json::Value;
 
+pub use crate::client::{Client, ClientOptions};
 use crate::output::{self, Format};
 
 /// Kinds of object the CLI knows, with kubectl-style aliases.
@@ -19,6 +20,10 @@ pub enum Kind {
     Workload,
     /// Pods.
     Pod,
+    /// Secrets (names, keys and sizes only).
+    Secret,
+    /// Namespaces (what their workloads may ask for).
+    Namespace,
 }
 
 impl Kind {
@@ -28,7 +33,11 @@ impl Kind {
             "node" | "nodes" | "no" => Kind::Node,
             "workload" | "workloads" | "wl" => Kind::Workload,
             "pod" | "pods" | "po" => Kind::Pod,
-            other => bail!("unknown resource type {other:?} (expected nodes, workloads or pods)"),
+            "secret" | "secrets" => Kind::Secret,
+            "namespace" | "namespaces" | "ns" => Kind::Namespace,
+            other => bail!(
+                "unknown resource type {other:?} (expected nodes, workloads, pods, secrets or namespaces)"
+            ),
         })
     }
 
@@ -37,6 +46,8 @@ impl Kind {
             Kind::Node => "nodes",
             Kind::Workload => "workloads",
             Kind::Pod => "pods",
+            Kind::Secret => "secrets",
+            Kind::Namespace => "namespaces",
         }
     }
 
@@ -45,58 +56,9 @@ impl Kind {
             Kind::Node => "node",
             Kind::Workload => "workload",
             Kind::Pod => "pod",
+            Kind::Secret => "secret",
+            Kind::Namespace => "namespace",
         }
-    }
-}
-
-/// An API client.
-pub struct Client {
-    base: String,
-    agent: ureq::Agent,
-}
-
-impl Client {
-    /// A client of the API at `server` (`http://host:port`).
-    pub fn new(server: &str) -> Self {
-        let agent = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .timeout_global(Some(Duration::from_secs(30)))
-            .build()
-            .into();
-        Self {
-            base: server.trim_end_matches('/').to_string(),
-            agent,
-        }
-    }
-
-    fn call(&self, method: &str, path: &str, body: Option<String>) -> anyhow::Result<Value> {
-        let url = format!("{}{}", self.base, path);
-        let result = match (method, body) {
-            ("POST", Some(body)) => self
-                .agent
-                .post(&url)
-                .header("content-type", "application/yaml")
-                .send(body),
-            ("DELETE", _) => self.agent.delete(&url).call(),
-            _ => self.agent.get(&url).call(),
-        };
-        let mut response =
-            result.with_context(|| format!("cannot reach the flotilla API at {}", self.base))?;
-        let status = response.status();
-        let text = response
-            .body_mut()
-            .with_config()
-            .limit(64 * 1024 * 1024)
-            .read_to_string()
-            .with_context(|| format!("reading the response from {url}"))?;
-        let value: Value = serde_json::from_str(&text).with_context(|| {
-            format!("{url}: the server answered {status} with a body that is not JSON")
-        })?;
-        if !status.is_success() {
-            let msg = value["error"].as_str().unwrap_or("no message");
-            bail!("{msg}");
-        }
-        Ok(value)
     }
 }
 
@@ -122,6 +84,9 @@ pub fn apply(client: &Client, files: &[String]) -> anyhow::Result<()> {
                 item["name"].as_str().unwrap_or(""),
                 item["result"].as_str().unwrap_or("")
             );
+        }
+        for warning in answer["warnings"].as_array().into_iter().flatten() {
+            eprintln!("warning: {}", warning.as_str().unwrap_or_default());
         }
     }
     Ok(())
@@ -165,6 +130,8 @@ pub fn get(
                 Kind::Node => output::nodes_table(&items, wide),
                 Kind::Workload => output::workloads_table(&items, wide),
                 Kind::Pod => output::pods_table(&items, wide),
+                Kind::Secret => output::secrets_table(&items),
+                Kind::Namespace => output::namespaces_table(&items),
             };
             print!("{table}");
         }
@@ -179,6 +146,8 @@ pub fn describe(client: &Client, kind: Kind, name: &str) -> anyhow::Result<()> {
         Kind::Node => output::describe_node(&value),
         Kind::Workload => output::describe_workload(&value)?,
         Kind::Pod => output::describe_pod(&value),
+        Kind::Secret => output::secrets_table(std::slice::from_ref(&value)),
+        Kind::Namespace => output::describe_namespace(&value),
     };
     print!("{text}");
     Ok(())
@@ -186,8 +155,10 @@ pub fn describe(client: &Client, kind: Kind, name: &str) -> anyhow::Result<()> {
 
 /// `flotilla delete KIND NAME`.
 pub fn delete(client: &Client, kind: Kind, name: &str) -> anyhow::Result<()> {
-    if kind != Kind::Workload {
-        bail!("only workloads can be deleted (nodes and pods follow from them)");
+    if !matches!(kind, Kind::Workload | Kind::Secret | Kind::Namespace) {
+        bail!(
+            "only workloads, secrets and namespaces can be deleted (nodes and pods follow from them)"
+        );
     }
     client.call("DELETE", &format!("/v1/{}/{name}", kind.path()), None)?;
     println!("{}/{name} deleted", kind.singular());

@@ -7,7 +7,9 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use flotilla_controller::cli::{self, Client, Kind, LogsOptions};
+use flotilla_controller::auth;
+use flotilla_controller::auth::tls::ApiTls;
+use flotilla_controller::cli::{self, Client, ClientOptions, Kind, LogsOptions};
 use flotilla_controller::identity;
 use flotilla_controller::output::Format;
 use flotilla_controller::serve::{self, BrokerChoice, ServeConfig};
@@ -49,9 +51,9 @@ enum Command {
         #[command(flatten)]
         server: ServerArg,
     },
-    /// List nodes, workloads or pods.
+    /// List nodes, workloads, pods, secrets or namespaces.
     Get {
-        /// nodes | workloads | pods
+        /// nodes | workloads | pods | secrets | namespaces (ns)
         kind: String,
         /// Only this one.
         name: Option<String>,
@@ -64,18 +66,19 @@ enum Command {
         #[command(flatten)]
         server: ServerArg,
     },
-    /// Show one node, workload or pod in detail.
+    /// Show one node, workload, pod, secret or namespace in detail.
     Describe {
-        /// node | workload | pod
+        /// node | workload | pod | secret | namespace
         kind: String,
         /// Its name (pods are named WORKLOAD@NODE).
         name: String,
         #[command(flatten)]
         server: ServerArg,
     },
-    /// Delete a workload (its pods are removed from every node).
+    /// Delete a workload (its pods are removed from every node), a secret or
+    /// a namespace.
     Delete {
-        /// workload
+        /// workload | secret | namespace
         kind: String,
         /// Its name.
         name: String,
@@ -104,10 +107,20 @@ enum Command {
         #[command(subcommand)]
         command: TokenCommand,
     },
+    /// Configuration for an external broker (`broker-config mosquitto`).
+    BrokerConfig {
+        #[command(subcommand)]
+        command: BrokerConfigCommand,
+    },
     /// Node administration (`node revoke NAME`).
     Node {
         #[command(subcommand)]
         command: NodeCommand,
+    },
+    /// Bearer tokens of the API, each with a role: viewer, operator, admin.
+    ApiToken {
+        #[command(subcommand)]
+        command: ApiTokenCommand,
     },
     /// Print a container's log, fetched from its node.
     Logs {
@@ -194,6 +207,25 @@ enum TokenCommand {
 }
 
 #[derive(Subcommand)]
+enum BrokerConfigCommand {
+    /// Write mosquitto.conf, its ACL, revocation list and TLS files into a
+    /// directory (run again after `node revoke`, then SIGHUP mosquitto).
+    Mosquitto {
+        /// The directory (the broker's key is made there once and kept).
+        #[arg(long)]
+        out: PathBuf,
+        /// Address of the TLS listener, HOST:PORT.
+        #[arg(long, default_value = "0.0.0.0:8883")]
+        listen: String,
+        /// Names or addresses devices reach the broker by (repeatable; at least one).
+        #[arg(long = "san", required = true)]
+        sans: Vec<String>,
+        #[command(flatten)]
+        server: ServerArg,
+    },
+}
+
+#[derive(Subcommand)]
 enum NodeCommand {
     /// Refuse the node's credential from now on.
     Revoke {
@@ -204,11 +236,62 @@ enum NodeCommand {
     },
 }
 
+#[derive(Subcommand)]
+enum ApiTokenCommand {
+    /// Print a new API token (shown once).
+    Create {
+        /// viewer (reads), operator (also changes workloads, labels,
+        /// rollouts; reads logs) or admin (also join tokens, node
+        /// revocation, API tokens).
+        #[arg(long)]
+        role: String,
+        /// Its name (default: ROLE-RANDOM).
+        #[arg(long)]
+        name: Option<String>,
+        /// How long it works (`30m`, `24h`; default: until revoked).
+        #[arg(long, value_parser = parse_duration)]
+        ttl: Option<Duration>,
+        #[command(flatten)]
+        server: ServerArg,
+    },
+    /// List API tokens: names, roles, expiry (never the tokens).
+    List {
+        #[command(flatten)]
+        server: ServerArg,
+    },
+    /// Refuse an API token from now on.
+    Revoke {
+        /// Its name.
+        name: String,
+        #[command(flatten)]
+        server: ServerArg,
+    },
+}
+
 #[derive(Args, Clone)]
 struct ServerArg {
     /// The controller's API.
-    #[arg(long, env = "FLOTILLA_SERVER", default_value = "http://127.0.0.1:7470")]
+    #[arg(long, env = "FLOTILLA_SERVER", default_value = flotilla_controller::client::DEFAULT_SERVER)]
     server: String,
+    /// API token (default, for a server on this machine: the controller's
+    /// admin.token in FLOTILLA_DATA_DIR, /var/lib/flotilla).
+    #[arg(long, env = "FLOTILLA_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// CA certificate (PEM) to check the API's certificate with (default,
+    /// for a server on this machine: the controller's ca.pem; else the
+    /// system's roots).
+    #[arg(long, env = "FLOTILLA_CA")]
+    ca: Option<PathBuf>,
+}
+
+impl ServerArg {
+    fn client(&self) -> anyhow::Result<Client> {
+        Client::new(&ClientOptions {
+            server: self.server.clone(),
+            token: self.token.clone(),
+            ca: self.ca.clone(),
+        })
+    }
 }
 
 #[derive(Args, Clone)]
@@ -227,9 +310,28 @@ struct ServeArgs {
         conflicts_with = "broker"
     )]
     mqtt_listen: SocketAddr,
-    /// Use this external broker instead of the embedded one: mqtt://HOST[:PORT].
+    /// Use this external broker instead of the embedded one: mqtt://HOST[:PORT],
+    /// or mqtts://HOST[:PORT] (the controller then presents a client
+    /// certificate of the fleet CA, CN `flotilla:controller`).
     #[arg(long, env = "FLOTILLA_BROKER")]
     broker: Option<String>,
+    /// The embedded broker's mTLS listener (devices with certificates connect
+    /// here); with it, `join` gives devices certificates instead of passwords.
+    #[arg(long, env = "FLOTILLA_MQTTS_LISTEN", conflicts_with = "broker")]
+    mqtts_listen: Option<SocketAddr>,
+    /// A name or address for the embedded broker's TLS certificate
+    /// (repeatable; default: the --mqtts-listen address, or for 0.0.0.0 the
+    /// host name, localhost and 127.0.0.1). The first is advertised.
+    #[arg(long = "broker-san")]
+    broker_sans: Vec<String>,
+    /// The broker address devices are told at join, mqtts://HOST:PORT
+    /// (default: the first --broker-san and the TLS port, or --broker).
+    #[arg(long, env = "FLOTILLA_MQTT_ADVERTISE")]
+    mqtt_advertise: Option<String>,
+    /// How long device certificates are valid (`90d`, `2160h`); agents renew
+    /// when a third is left.
+    #[arg(long, env = "FLOTILLA_CERT_LIFETIME", default_value = "90d", value_parser = parse_duration)]
+    cert_lifetime: Duration,
     /// MQTT topic root.
     #[arg(long, env = "FLOTILLA_TOPIC_PREFIX", default_value = flotilla_proto::DEFAULT_PREFIX)]
     topic_prefix: String,
@@ -241,6 +343,25 @@ struct ServeArgs {
     /// right (enrolled devices are still held to their own topics).
     #[arg(long, env = "FLOTILLA_ALLOW_ANONYMOUS")]
     allow_anonymous: bool,
+    /// The API's certificate chain (PEM); default: one from the fleet CA.
+    #[arg(
+        long,
+        env = "FLOTILLA_API_TLS_CERT",
+        requires = "api_tls_key",
+        conflicts_with = "api_plain"
+    )]
+    api_tls_cert: Option<PathBuf>,
+    /// The API certificate's private key (PEM).
+    #[arg(long, env = "FLOTILLA_API_TLS_KEY", requires = "api_tls_cert")]
+    api_tls_key: Option<PathBuf>,
+    /// Another name or address for the fleet CA's API certificate
+    /// (repeatable; loopback, the host name and the listen addresses are in it).
+    #[arg(long = "api-tls-san", conflicts_with_all = ["api_tls_cert", "api_plain"])]
+    api_tls_sans: Vec<String>,
+    /// Serve the API over plain HTTP: on a loopback address only (a TLS
+    /// proxy in front, or a benchmark).
+    #[arg(long, env = "FLOTILLA_API_PLAIN")]
+    api_plain: bool,
 }
 
 /// Parses `500ms`, `30s`, `5m`, `1h`, or a bare number of seconds; not zero.
@@ -255,9 +376,10 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
         "" | "s" => Some(Duration::from_secs(n)),
         "m" => n.checked_mul(60).map(Duration::from_secs),
         "h" => n.checked_mul(3600).map(Duration::from_secs),
+        "d" => n.checked_mul(86_400).map(Duration::from_secs),
         _ => {
             return Err(format!(
-                "duration {s:?}: unknown unit {unit:?}, expected ms, s, m or h"
+                "duration {s:?}: unknown unit {unit:?}, expected ms, s, m, h or d"
             ));
         }
     };
@@ -272,16 +394,33 @@ impl ServeArgs {
     fn config(&self, data_dir: PathBuf) -> anyhow::Result<ServeConfig> {
         let broker = match &self.broker {
             Some(url) => {
-                let (host, port) = serve::parse_broker_url(url)?;
-                BrokerChoice::External { host, port }
+                let (host, port, tls) = serve::parse_broker_url(url)?;
+                BrokerChoice::External { host, port, tls }
             }
             None => BrokerChoice::Embedded {
                 listen: self.mqtt_listen,
             },
         };
+        let api_tls = match (&self.api_tls_cert, &self.api_tls_key) {
+            _ if self.api_plain => ApiTls::Plain,
+            (Some(cert), Some(key)) => ApiTls::Files {
+                cert: cert.clone(),
+                key: key.clone(),
+            },
+            _ => ApiTls::FleetCa {
+                extra_names: self.api_tls_sans.clone(),
+            },
+        };
         Ok(ServeConfig {
             data_dir,
             api_listen: self.api_listen,
+            api_tls,
+            mqtt_tls: serve::MqttTls {
+                listen: self.mqtts_listen,
+                sans: self.broker_sans.clone(),
+                advertise: self.mqtt_advertise.clone(),
+                cert_lifetime: self.cert_lifetime,
+            },
             broker,
             topics: Topics::new(&self.topic_prefix),
             node_timeout: self.node_timeout,
@@ -334,7 +473,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 up::run(config, shutdown).await
             })
         }
-        Command::Apply { files, server } => cli::apply(&Client::new(&server.server), &files),
+        Command::Apply { files, server } => cli::apply(&server.client()?, &files),
         Command::Get {
             kind,
             name,
@@ -342,7 +481,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             output,
             server,
         } => cli::get(
-            &Client::new(&server.server),
+            &server.client()?,
             Kind::parse(&kind)?,
             name.as_deref(),
             selector.as_deref(),
@@ -350,7 +489,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         ),
         Command::Rollout {
             command: RolloutCommand::History { workload, server },
-        } => cli::rollout_history(&Client::new(&server.server), &workload),
+        } => cli::rollout_history(&server.client()?, &workload),
         Command::Rollout {
             command:
                 RolloutCommand::Status {
@@ -360,17 +499,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     server,
                 },
         } => cli::rollout_status(
-            &Client::new(&server.server),
+            &server.client()?,
             &workload,
             watch,
             Format::parse(output.as_deref())?,
         ),
         Command::Rollout {
             command: RolloutCommand::Pause { workload, server },
-        } => cli::rollout_hold(&Client::new(&server.server), &workload, true),
+        } => cli::rollout_hold(&server.client()?, &workload, true),
         Command::Rollout {
             command: RolloutCommand::Resume { workload, server },
-        } => cli::rollout_hold(&Client::new(&server.server), &workload, false),
+        } => cli::rollout_hold(&server.client()?, &workload, false),
         Command::Rollout {
             command:
                 RolloutCommand::Undo {
@@ -378,23 +517,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     to_revision,
                     server,
                 },
-        } => cli::rollout_undo(&Client::new(&server.server), &workload, to_revision),
+        } => cli::rollout_undo(&server.client()?, &workload, to_revision),
         Command::Label {
             kind,
             name,
             changes,
             server,
-        } => cli::label(
-            &Client::new(&server.server),
-            Kind::parse(&kind)?,
-            &name,
-            &changes,
-        ),
+        } => cli::label(&server.client()?, Kind::parse(&kind)?, &name, &changes),
         Command::Describe { kind, name, server } => {
-            cli::describe(&Client::new(&server.server), Kind::parse(&kind)?, &name)
+            cli::describe(&server.client()?, Kind::parse(&kind)?, &name)
         }
         Command::Delete { kind, name, server } => {
-            cli::delete(&Client::new(&server.server), Kind::parse(&kind)?, &name)
+            cli::delete(&server.client()?, Kind::parse(&kind)?, &name)
         }
         Command::Token {
             command:
@@ -404,10 +538,34 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     labels,
                     server,
                 },
-        } => identity::cli::create_token(&server.server, ttl, uses, &labels),
+        } => identity::cli::create_token(&server.client()?, ttl, uses, &labels),
+        Command::BrokerConfig {
+            command:
+                BrokerConfigCommand::Mosquitto {
+                    out,
+                    listen,
+                    sans,
+                    server,
+                },
+        } => flotilla_controller::broker_config::write_mosquitto(
+            &server.client()?,
+            &out,
+            &listen,
+            &sans,
+        ),
         Command::Node {
             command: NodeCommand::Revoke { name, server },
-        } => identity::cli::revoke(&server.server, &name),
+        } => identity::cli::revoke(&server.client()?, &name),
+        Command::ApiToken { command } => match command {
+            ApiTokenCommand::Create {
+                role,
+                name,
+                ttl,
+                server,
+            } => auth::cli::create(&server.client()?, &role, name.as_deref(), ttl),
+            ApiTokenCommand::List { server } => auth::cli::list(&server.client()?),
+            ApiTokenCommand::Revoke { name, server } => auth::cli::revoke(&server.client()?, &name),
+        },
         Command::Logs {
             pod,
             container,
@@ -415,7 +573,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             follow,
             server,
         } => cli::logs(
-            &Client::new(&server.server),
+            &server.client()?,
             &pod,
             &LogsOptions {
                 container,

@@ -217,6 +217,97 @@ pub fn workloads_table(items: &[Value], wide: bool) -> String {
     table(&header, rows)
 }
 
+/// `get secrets`: keys with their sizes, never values.
+pub fn secrets_table(items: &[Value]) -> String {
+    let rows = items
+        .iter()
+        .map(|x| {
+            let keys: Vec<String> = x["keys"]
+                .as_object()
+                .into_iter()
+                .flatten()
+                .map(|(k, n)| format!("{k}({n})"))
+                .collect();
+            let used: Vec<String> = x["usedBy"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(s)
+                .collect();
+            vec![
+                s(&x["name"]),
+                s(&x["type"]),
+                keys.join(","),
+                x["bytes"].to_string(),
+                used.join(","),
+            ]
+        })
+        .collect();
+    table(&["NAME", "TYPE", "KEYS", "BYTES", "USED BY"], rows)
+}
+
+/// What a namespace allows, in a few words: `privileged`, the capabilities,
+/// `unconfined`; `nothing` for none.
+fn allowed(n: &Value) -> String {
+    let mut out = Vec::new();
+    if n["allowPrivileged"] == true {
+        out.push("privileged".to_owned());
+    }
+    let caps: Vec<String> = n["allowedCapabilities"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(s)
+        .collect();
+    if !caps.is_empty() {
+        out.push(format!("capabilities {}", caps.join(",")));
+    }
+    if n["allowUnconfinedSeccomp"] == true {
+        out.push("unconfined seccomp".to_owned());
+    }
+    if out.is_empty() {
+        return "nothing".to_owned();
+    }
+    out.join("; ")
+}
+
+/// `get namespaces`: what each allows and how many workloads it holds.
+pub fn namespaces_table(items: &[Value]) -> String {
+    let rows = items
+        .iter()
+        .map(|n| {
+            let count = n["workloads"].as_array().map_or(0, Vec::len);
+            vec![s(&n["name"]), count.to_string(), allowed(n)]
+        })
+        .collect();
+    table(&["NAME", "WORKLOADS", "ALLOWS"], rows)
+}
+
+/// `describe namespace`.
+pub fn describe_namespace(n: &Value) -> String {
+    let mut out = String::new();
+    let implicit = if n["implicit"] == true {
+        " (implicit)"
+    } else {
+        ""
+    };
+    let _ = writeln!(out, "Name:       {}{implicit}", s(&n["name"]));
+    let _ = writeln!(out, "Allows:     {}", allowed(n));
+    let names: Vec<String> = n["workloads"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(s)
+        .collect();
+    let list = if names.is_empty() {
+        "<none>".to_owned()
+    } else {
+        names.join(", ")
+    };
+    let _ = writeln!(out, "Workloads:  {list}");
+    out
+}
+
 /// `rollout history`: one row per revision, the current one marked.
 pub fn revisions_table(items: &[Value]) -> String {
     let rows = items
@@ -270,6 +361,33 @@ pub fn rollout_status(r: &Value) -> String {
     for (node, why) in r["failed"].as_object().into_iter().flatten() {
         let _ = writeln!(out, "  {node}: {}", s(why));
     }
+    // Per wave: nodes downloading the new images, and those that have them.
+    let mut waves: std::collections::BTreeMap<u64, (usize, usize)> = Default::default();
+    let prefetching = r["prefetching"].as_array().map_or(&[][..], Vec::as_slice);
+    for p in prefetching {
+        let counts = waves.entry(p["wave"].as_u64().unwrap_or(0)).or_default();
+        counts.0 += 1;
+        counts.1 += usize::from(p["ready"] == true);
+    }
+    for (wave, (n, ready)) in waves {
+        let _ = writeln!(
+            out,
+            "wave {wave}: {n} node{} prefetching, {ready} ready to switch",
+            if n == 1 { "" } else { "s" }
+        );
+    }
+    for p in prefetching {
+        if let Some(why) = p["error"].as_str() {
+            let _ = writeln!(out, "  {}: prefetch failing: {why}", s(&p["node"]));
+        }
+    }
+    for node in r["prefetchTimedOut"].as_array().into_iter().flatten() {
+        let _ = writeln!(
+            out,
+            "  {}: switched at the prefetch timeout, pulling as usual",
+            s(node)
+        );
+    }
     out
 }
 
@@ -309,6 +427,20 @@ fn pod_message(p: &Value) -> String {
         return m.to_string();
     }
     for c in p["containers"].as_array().into_iter().flatten() {
+        let next = &c["next"];
+        if c["state"] == "Running" && !next.is_null() {
+            let reason = s(&next["reason"]);
+            return match next["message"].as_str() {
+                Some(m) => format!(
+                    "{}: running the previous version; next: {reason}: {m}",
+                    s(&c["name"])
+                ),
+                None => format!(
+                    "{}: running the previous version; next: {reason}",
+                    s(&c["name"])
+                ),
+            };
+        }
         if c["state"] != "Running" {
             let reason = s(&c["reason"]);
             return match c["message"].as_str() {
@@ -340,6 +472,19 @@ fn container_lines(out: &mut String, containers: &Value) {
             let _ = writeln!(out, "    Finished:  {} ago", age(ms));
         }
         let _ = writeln!(out, "    Restarts:  {}", s(&c["restarts"]));
+        let next = &c["next"];
+        if !next.is_null() {
+            let _ = writeln!(
+                out,
+                "    Next:      {} (the running version serves until it starts)",
+                s(&next["state"])
+            );
+            for (key, label) in [("reason", "Reason"), ("message", "Message")] {
+                if !next[key].is_null() {
+                    let _ = writeln!(out, "      {:<8} {}", format!("{label}:"), s(&next[key]));
+                }
+            }
+        }
     }
 }
 
@@ -445,6 +590,19 @@ pub fn describe_node(n: &Value) -> String {
 pub fn describe_workload(w: &Value) -> anyhow::Result<String> {
     let mut out = String::new();
     let _ = writeln!(out, "Name:     {}", s(&w["name"]));
+    if let Some(ns) = w["namespace"].as_str() {
+        let _ = writeln!(out, "Namespace: {ns}");
+    }
+    let violations = w["policyViolations"].as_array().into_iter().flatten();
+    for (i, v) in violations.enumerate() {
+        if i == 0 {
+            let _ = writeln!(
+                out,
+                "Policy:   not allowed by its namespace any more (pods keep running; a change is refused):"
+            );
+        }
+        let _ = writeln!(out, "  {}", s(v));
+    }
     let _ = writeln!(out, "Running:  {}/{}", w["runningPods"], w["desiredPods"]);
     let _ = writeln!(out, "Placement: {}", s(&w["placement"]));
     if !w["revision"].is_null() {
@@ -542,6 +700,24 @@ mod tests {
             "rollout of web: revision 1 -> 2, Progressing, wave 2/3\n\
              [#####xxxxx+++++---------------] 3/6 nodes switched, 1 healthy, 1 failed\n  \
              b: container main exited with 1\n"
+        );
+        let r = json!({
+            "workload": "web", "from": 1, "to": 2, "phase": "Progressing",
+            "wave": 1, "waves": [1, 3], "nodes": 3,
+            "switched": ["a"], "healthy": [], "failed": {},
+            "prefetching": [
+                {"node": "b", "wave": 2, "ready": true, "error": null},
+                {"node": "c", "wave": 2, "ready": false, "error": "ErrImagePull: image \"x\": down"},
+            ],
+            "prefetchTimedOut": ["a"],
+        });
+        assert_eq!(
+            rollout_status(&r),
+            "rollout of web: revision 1 -> 2, Progressing, wave 1/2\n\
+             [++++++++++--------------------] 1/3 nodes switched, 0 healthy, 0 failed\n\
+             wave 2: 2 nodes prefetching, 1 ready to switch\n  \
+             c: prefetch failing: ErrImagePull: image \"x\": down\n  \
+             a: switched at the prefetch timeout, pulling as usual\n"
         );
     }
 }

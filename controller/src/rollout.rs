@@ -12,20 +12,22 @@
 //! healthy within `progressDeadlineSeconds`. The next wave starts when
 //! every node of this one is healthy (or offline: it catches up when it
 //! returns, and a failure then still counts). `failureThreshold` failed
-//! nodes roll the whole rollout back. The state machine is pure
+//! nodes roll the whole rollout back. With `prefetch`, a wave's nodes
+//! first download the new revision's images (pods unchanged) and each
+//! switches once it has them, or at `prefetchTimeoutSeconds`. The state machine is pure
 //! ([`Rollout::step`] takes what the nodes show and the time); the control
 //! loop stores it after every change, so a restarted controller resumes it.
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use serde_json::{Value, json};
+use crate::manifest::Strategy;
 
-use flotilla_proto::{ContainerState, NodeStatus, PodPhase};
+mod history;
+mod seen;
+mod stored;
 
-use crate::manifest::{Strategy, Workload};
-
-/// Revisions kept per workload; older ones are dropped.
-pub const HISTORY_LIMIT: usize = 10;
+pub use history::{HISTORY_LIMIT, History, Revision};
+pub use seen::{prefetch_images, prefetched, seen};
 
 /// Errors of revision commands.
 #[derive(Debug, thiserror::Error)]
@@ -44,121 +46,6 @@ pub enum RolloutError {
     /// Undo without a revision before the current one.
     #[error("workload {0} has no revision before the current one")]
     NoPrevious(String),
-}
-
-/// One revision of a workload.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Revision {
-    /// 1, 2, …, per workload.
-    pub number: u64,
-    /// When it was made (ms since the epoch).
-    pub created_ms: u64,
-    /// Why: `apply`, or `undo to revision N`.
-    pub cause: String,
-    /// The workload as it was then.
-    pub workload: Workload,
-}
-
-/// Every workload's revisions, oldest first.
-#[derive(Debug, Default)]
-pub struct History {
-    by_workload: BTreeMap<String, Vec<Revision>>,
-}
-
-impl History {
-    /// Rebuilds the history from stored revisions, in any order.
-    pub fn restore(revisions: impl IntoIterator<Item = Revision>) -> Self {
-        let mut by_workload: BTreeMap<String, Vec<Revision>> = BTreeMap::new();
-        for r in revisions {
-            by_workload
-                .entry(r.workload.name.clone())
-                .or_default()
-                .push(r);
-        }
-        for list in by_workload.values_mut() {
-            list.sort_by_key(|r| r.number);
-        }
-        Self { by_workload }
-    }
-
-    /// A workload's revisions, oldest first.
-    pub fn list(&self, workload: &str) -> &[Revision] {
-        self.by_workload.get(workload).map_or(&[], Vec::as_slice)
-    }
-
-    /// The newest revision of a workload.
-    pub fn current(&self, workload: &str) -> Option<&Revision> {
-        self.list(workload).last()
-    }
-
-    /// The revision `w` makes, if it changes what the pods run compared
-    /// with the newest revision (or there is none yet).
-    pub fn next(&self, w: &Workload, cause: &str, now_ms: u64) -> Option<Revision> {
-        let last = self.current(&w.name);
-        if last.is_some_and(|r| r.workload.same_template(w)) {
-            return None;
-        }
-        Some(Revision {
-            number: last.map_or(1, |r| r.number + 1),
-            created_ms: now_ms,
-            cause: cause.to_owned(),
-            workload: w.clone(),
-        })
-    }
-
-    /// Adds a revision; returns the numbers dropped past [`HISTORY_LIMIT`].
-    pub fn push(&mut self, revision: Revision) -> Vec<u64> {
-        let list = self
-            .by_workload
-            .entry(revision.workload.name.clone())
-            .or_default();
-        list.push(revision);
-        let excess = list.len().saturating_sub(HISTORY_LIMIT);
-        list.drain(..excess).map(|r| r.number).collect()
-    }
-
-    /// The numbers that [`History::push`] of one more revision would drop.
-    pub fn would_drop(&self, workload: &str) -> Vec<u64> {
-        let list = self.list(workload);
-        let excess = (list.len() + 1).saturating_sub(HISTORY_LIMIT);
-        list[..excess].iter().map(|r| r.number).collect()
-    }
-
-    /// Forgets a deleted workload; returns the numbers it had.
-    pub fn remove(&mut self, workload: &str) -> Vec<u64> {
-        self.by_workload
-            .remove(workload)
-            .unwrap_or_default()
-            .into_iter()
-            .map(|r| r.number)
-            .collect()
-    }
-
-    /// The workload `current` with the pods of revision `to` (default: the
-    /// one before the newest), keeping where the pods go as it is now.
-    pub fn undo(&self, current: &Workload, to: Option<u64>) -> Result<Workload, RolloutError> {
-        let list = self.list(&current.name);
-        let target = match to {
-            Some(number) => list.iter().find(|r| r.number == number).ok_or_else(|| {
-                RolloutError::NoRevision {
-                    workload: current.name.clone(),
-                    number,
-                }
-            })?,
-            None => list
-                .iter()
-                .rev()
-                .nth(1)
-                .ok_or_else(|| RolloutError::NoPrevious(current.name.clone()))?,
-        };
-        let mut out = current.clone();
-        let (spec, old) = (&mut out.spec, &target.workload.spec);
-        spec.restart_policy = old.restart_policy;
-        spec.termination_grace_secs = old.termination_grace_secs;
-        spec.volumes.clone_from(&old.volumes);
-        spec.containers.clone_from(&old.containers);
-        Ok(out)
-    }
 }
 
 /// Where a rollout is.
@@ -212,6 +99,26 @@ pub enum Seen {
     Failing(String),
     /// The node is not connected.
     Offline,
+    /// Not heard from since the controller started: like `Offline` for
+    /// the waves, but its health-gate clock is kept (a restarted
+    /// controller continues it once the node's presence is replayed).
+    Unknown,
+}
+
+/// What the controller sees of a node given the new revision's images to
+/// download before it switches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fetched {
+    /// It reports every image present (or there is none to download).
+    Ready,
+    /// Still downloading, or it has not seen the list yet.
+    NotYet,
+    /// The node is not connected: it switches at once and catches up when
+    /// it returns, as without a prefetch.
+    Offline,
+    /// Not heard from since the controller started: it waits (a restarted
+    /// controller does not switch every prefetching node at once).
+    Unknown,
 }
 
 /// One node moved to the new revision.
@@ -233,6 +140,9 @@ pub enum Step {
     Changed,
     /// Nodes switched: store it and publish their new desired state.
     Switched,
+    /// Nodes were given images to download: store it and publish their
+    /// new desired state.
+    Prefetching,
     /// Every node runs the new revision.
     Complete,
     /// Too many failures: roll back to the old revision, for this reason.
@@ -262,9 +172,15 @@ pub struct Rollout {
     pub failed: BTreeMap<String, String>,
     /// Where it is.
     pub phase: Phase,
-    /// Since when each switched node has been seen Ready (not stored: a
-    /// restarted controller watches the gate again from the start).
+    /// Since when each switched node not yet healthy has been seen Ready;
+    /// stored with the rest, so a restarted controller continues the gate.
     ready_since: BTreeMap<String, u64>,
+    /// Nodes not switched yet that were given the new revision's images to
+    /// download (`strategy.prefetch`), with since when (ms since the epoch).
+    pub prefetching: BTreeMap<String, u64>,
+    /// Switched nodes that switched at the prefetch timeout, before they
+    /// reported their images present.
+    pub prefetch_timed_out: BTreeSet<String>,
 }
 
 impl Rollout {
@@ -282,6 +198,8 @@ impl Rollout {
             failed: BTreeMap::new(),
             phase: Phase::Progressing,
             ready_since: BTreeMap::new(),
+            prefetching: BTreeMap::new(),
+            prefetch_timed_out: BTreeSet::new(),
         }
     }
 
@@ -320,13 +238,28 @@ impl Rollout {
         was == Phase::Paused
     }
 
-    /// Looks at the switched nodes, then switches more or moves to the
-    /// next wave as the strategy allows.
+    /// [`Rollout::step_with`] for nodes that have every image at once.
     pub fn step(
         &mut self,
         strategy: &Strategy,
         now_ms: u64,
+        seen: impl FnMut(&str, &Switch) -> Seen,
+    ) -> Step {
+        self.step_with(strategy, now_ms, seen, |_| Fetched::Ready)
+    }
+
+    /// Looks at the switched nodes, then switches more or moves to the
+    /// next wave as the strategy allows. With `strategy.prefetch`, a
+    /// wave's nodes are first given the images to download (and, once
+    /// they have all switched, the next wave's are too, while the health
+    /// gate runs); each switches when `fetched` says it has them, is
+    /// offline, or has waited `prefetchTimeoutSeconds`.
+    pub fn step_with(
+        &mut self,
+        strategy: &Strategy,
+        now_ms: u64,
         mut seen: impl FnMut(&str, &Switch) -> Seen,
+        mut fetched: impl FnMut(&str) -> Fetched,
     ) -> Step {
         if !self.phase.active() {
             return Step::Idle;
@@ -340,12 +273,13 @@ impl Rollout {
             // A healthy node that fails later still counts: a bad release
             // can take a while to show.
             match seen(node, switch) {
+                Seen::Ready if self.healthy.contains(node) => {}
                 Seen::Ready => {
                     let since = *self.ready_since.entry(node.clone()).or_insert(now_ms);
                     let healthy_ms = u64::from(strategy.healthy_secs) * 1000;
-                    if now_ms.saturating_sub(since) >= healthy_ms
-                        && self.healthy.insert(node.clone())
-                    {
+                    if now_ms.saturating_sub(since) >= healthy_ms {
+                        self.healthy.insert(node.clone());
+                        self.ready_since.remove(node);
                         changed = true;
                     }
                 }
@@ -368,6 +302,9 @@ impl Rollout {
                 }
                 Seen::Offline => {
                     self.ready_since.remove(node);
+                    offline.insert(node.clone());
+                }
+                Seen::Unknown => {
                     offline.insert(node.clone());
                 }
             }
@@ -394,17 +331,62 @@ impl Rollout {
         }
         let targets = self.targets(strategy);
         let max_unavailable = strategy.max_unavailable.of(self.nodes.len()).max(1);
+        let prefetch_ms = strategy
+            .prefetch
+            .then(|| u64::from(strategy.prefetch_timeout_secs) * 1000);
         let mut switched_any = false;
+        let mut started = false;
         loop {
             let Some(&target) = targets.get(self.wave) else {
                 self.phase = Phase::Complete;
+                self.prefetching.clear();
                 return Step::Complete;
             };
             let settled = |r: &Self, n: &String| {
                 r.healthy.contains(n) || r.failed.contains_key(n) || offline.contains(n)
             };
             let mut unavailable = self.switched.keys().filter(|n| !settled(self, n)).count();
-            while self.switched.len() < target && unavailable < max_unavailable {
+            if let Some(timeout_ms) = prefetch_ms {
+                // The next wave downloads while this one's health gate runs.
+                let horizon = match self.switched.len() >= target {
+                    true => targets.get(self.wave + 1).copied().unwrap_or(target),
+                    false => target,
+                };
+                started |= self.start_prefetch(horizon, now_ms);
+                let wave: Vec<String> = self
+                    .nodes
+                    .iter()
+                    .filter(|n| !self.switched.contains_key(*n))
+                    .take(target.saturating_sub(self.switched.len()))
+                    .cloned()
+                    .collect();
+                for node in wave {
+                    if unavailable >= max_unavailable {
+                        break;
+                    }
+                    let since = self.prefetching.get(&node).copied().unwrap_or(now_ms);
+                    let waited = now_ms.saturating_sub(since) >= timeout_ms;
+                    match fetched(&node) {
+                        Fetched::Ready | Fetched::Offline => {}
+                        Fetched::NotYet | Fetched::Unknown if waited => {
+                            self.prefetch_timed_out.insert(node.clone());
+                        }
+                        Fetched::NotYet | Fetched::Unknown => continue,
+                    }
+                    self.prefetching.remove(&node);
+                    let switch = Switch {
+                        at_ms: now_ms,
+                        generation: 0,
+                    };
+                    self.switched.insert(node, switch);
+                    unavailable += 1;
+                    switched_any = true;
+                }
+            }
+            while prefetch_ms.is_none()
+                && self.switched.len() < target
+                && unavailable < max_unavailable
+            {
                 let Some(next) = self
                     .nodes
                     .iter()
@@ -431,11 +413,31 @@ impl Rollout {
             self.wave += 1;
             changed = true;
         }
-        match (switched_any, changed) {
-            (true, _) => Step::Switched,
-            (false, true) => Step::Changed,
-            (false, false) => Step::Idle,
+        match (switched_any, started, changed) {
+            (true, _, _) => Step::Switched,
+            (false, true, _) => Step::Prefetching,
+            (false, false, true) => Step::Changed,
+            (false, false, false) => Step::Idle,
         }
+    }
+
+    /// Gives the nodes up to the `horizon`-th not switched yet the images
+    /// to download; true when any was new.
+    fn start_prefetch(&mut self, horizon: usize, now_ms: u64) -> bool {
+        let mut started = false;
+        let wanted = horizon.saturating_sub(self.switched.len());
+        for node in self
+            .nodes
+            .iter()
+            .filter(|n| !self.switched.contains_key(*n))
+            .take(wanted)
+        {
+            if !self.prefetching.contains_key(node) {
+                self.prefetching.insert(node.clone(), now_ms);
+                started = true;
+            }
+        }
+        started
     }
 
     /// Drops nodes that no longer run the workload (moved or removed) and
@@ -443,199 +445,20 @@ impl Rollout {
     pub fn follow(&mut self, nodes: &BTreeSet<String>) {
         self.nodes
             .retain(|n| nodes.contains(n) || self.switched.contains_key(n));
+        let kept = &self.nodes;
+        self.prefetching.retain(|n, _| kept.contains(n));
         for n in nodes {
             if !self.nodes.contains(n) {
                 self.nodes.push(n.clone());
             }
         }
     }
-
-    /// The stored form.
-    pub fn to_json(&self) -> Value {
-        let switched: serde_json::Map<String, Value> = self
-            .switched
-            .iter()
-            .map(|(n, s)| {
-                (
-                    n.clone(),
-                    json!({"atMs": s.at_ms, "generation": s.generation}),
-                )
-            })
-            .collect();
-        json!({
-            "workload": self.workload,
-            "from": self.from,
-            "to": self.to,
-            "startedMs": self.started_ms,
-            "nodes": self.nodes,
-            "wave": self.wave,
-            "switched": switched,
-            "healthy": self.healthy,
-            "failed": self.failed,
-            "phase": self.phase.as_str(),
-        })
-    }
-
-    /// Reads the stored form back.
-    pub fn from_json(v: &Value) -> Result<Self, String> {
-        let text = |key: &str| {
-            v[key]
-                .as_str()
-                .map(str::to_owned)
-                .ok_or(format!("{key}: expected a string"))
-        };
-        let number = |key: &str| v[key].as_u64().ok_or(format!("{key}: expected a number"));
-        let strings = |key: &str| -> Result<Vec<String>, String> {
-            v[key]
-                .as_array()
-                .ok_or(format!("{key}: expected a list"))?
-                .iter()
-                .map(|s| {
-                    s.as_str()
-                        .map(str::to_owned)
-                        .ok_or(format!("{key}: expected strings"))
-                })
-                .collect()
-        };
-        let mut switched = BTreeMap::new();
-        for (node, s) in v["switched"]
-            .as_object()
-            .ok_or("switched: expected a map")?
-        {
-            let at_ms = s["atMs"]
-                .as_u64()
-                .ok_or("switched: atMs: expected a number")?;
-            let generation = s["generation"]
-                .as_u64()
-                .ok_or("switched: generation: expected a number")?;
-            switched.insert(node.clone(), Switch { at_ms, generation });
-        }
-        let mut failed = BTreeMap::new();
-        for (node, why) in v["failed"].as_object().ok_or("failed: expected a map")? {
-            let why = why.as_str().ok_or("failed: expected strings")?;
-            failed.insert(node.clone(), why.to_owned());
-        }
-        let phase = text("phase")?;
-        Ok(Self {
-            workload: text("workload")?,
-            from: number("from")?,
-            to: number("to")?,
-            started_ms: number("startedMs")?,
-            nodes: strings("nodes")?,
-            wave: usize::try_from(number("wave")?).map_err(|e| e.to_string())?,
-            switched,
-            healthy: strings("healthy")?.into_iter().collect(),
-            failed,
-            phase: Phase::parse(&phase).ok_or(format!("phase: unknown {phase:?}"))?,
-            ready_since: BTreeMap::new(),
-        })
-    }
-}
-
-/// Waiting reasons that mean the new revision cannot run as it is (as
-/// opposed to `Pulling`, which only takes time).
-const FAILING_REASONS: &[&str] = &[
-    "BackOff",
-    "CreateFailed",
-    "ImageNotFound",
-    "ErrImagePull",
-    "NoMatchingPlatform",
-    "Unauthorized",
-];
-
-/// What a switched node shows of `workload`, from its newest status:
-/// `connected` is its readiness; its pods must report the switch's
-/// generation (or newer) to count.
-pub fn seen(status: Option<&NodeStatus>, connected: bool, workload: &str, switch: &Switch) -> Seen {
-    if !connected {
-        return Seen::Offline;
-    }
-    let pod = status.and_then(|s| s.pods.iter().find(|p| p.workload == workload));
-    let Some(pod) = pod.filter(|p| switch.generation > 0 && p.generation >= switch.generation)
-    else {
-        return Seen::NotYet;
-    };
-    if pod.phase == PodPhase::Failed {
-        let why = pod.message.as_deref().unwrap_or("the pod failed");
-        return Seen::Failing(why.to_owned());
-    }
-    for c in &pod.containers {
-        match &c.state {
-            ContainerState::Waiting { reason, .. }
-                if FAILING_REASONS.contains(&reason.as_str()) =>
-            {
-                return Seen::Failing(format!("container {}: {reason}", c.name));
-            }
-            ContainerState::Terminated { exit_code, .. } if *exit_code != 0 => {
-                return Seen::Failing(format!("container {} exited with {exit_code}", c.name));
-            }
-            _ => {}
-        }
-    }
-    let ready = !pod.containers.is_empty() && pod.containers.iter().all(|c| c.ready);
-    if pod.phase == PodPhase::Running && ready {
-        Seen::Ready
-    } else {
-        Seen::NotYet
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn workload(image: &str, replicas: u32) -> Workload {
-        let text = format!(
-            "apiVersion: flotilla.dev/v1\nkind: Workload\nmetadata: {{name: web}}\n\
-             spec:\n  replicas: {replicas}\n  containers: [{{name: main, image: {image}}}]\n"
-        );
-        crate::manifest::parse(&text).unwrap().remove(0)
-    }
-
-    #[test]
-    fn a_revision_per_change_of_the_pods_and_undo_brings_one_back() {
-        let mut h = History::default();
-        let v1 = workload("app:1", 2);
-        let r1 = h.next(&v1, "apply", 10).unwrap();
-        assert_eq!((r1.number, r1.cause.as_str()), (1, "apply"));
-        assert!(h.push(r1).is_empty());
-        // Where the pods go is not a revision.
-        assert!(h.next(&workload("app:1", 5), "apply", 11).is_none());
-        let v2 = workload("app:2", 5);
-        let r2 = h.next(&v2, "apply", 12).unwrap();
-        assert_eq!(r2.number, 2);
-        h.push(r2);
-
-        // Undo: revision 1's pods, today's replicas.
-        let back = h.undo(&v2, None).unwrap();
-        assert_eq!(back.spec.containers[0].image, "app:1");
-        assert_eq!(back, workload("app:1", 5));
-        assert_eq!(h.undo(&v2, Some(2)).unwrap(), v2);
-        assert_eq!(
-            h.undo(&v2, Some(7)).unwrap_err().to_string(),
-            "workload web has no revision 7 (see `flotilla rollout history web`)"
-        );
-        let lone = History::restore([h.list("web")[0].clone()]);
-        assert_eq!(
-            lone.undo(&v1, None).unwrap_err().to_string(),
-            "workload web has no revision before the current one"
-        );
-
-        // The history is capped, oldest dropped first.
-        for i in 3..=12 {
-            let w = workload(&format!("app:{i}"), 5);
-            let r = h.next(&w, "apply", 20 + i).unwrap();
-            assert_eq!(r.number, i);
-            let expect = h.would_drop("web");
-            assert_eq!(h.push(r), expect);
-        }
-        let numbers: Vec<u64> = h.list("web").iter().map(|r| r.number).collect();
-        assert_eq!(numbers, (3..=12).collect::<Vec<_>>());
-        let restored = History::restore(h.list("web").iter().rev().cloned());
-        assert_eq!(restored.list("web"), h.list("web"));
-        assert_eq!(h.remove("web").len(), HISTORY_LIMIT);
-        assert!(h.current("web").is_none());
-    }
+    use serde_json::json;
 
     use crate::manifest::Amount;
 
@@ -646,6 +469,8 @@ mod tests {
             healthy_secs: 5,
             failure_threshold: Amount::Count(1),
             progress_deadline_secs: 60,
+            prefetch: false,
+            prefetch_timeout_secs: 60,
         }
     }
 
@@ -756,6 +581,31 @@ mod tests {
     }
 
     #[test]
+    fn the_health_gate_clock_survives_a_restart() {
+        let s = strategy(&[Amount::Count(1)]);
+        let mut r = Rollout::new("web", 1, 2, nodes(2), 0);
+        assert_eq!(r.step(&s, 0, |_, _| Seen::NotYet), Step::Switched);
+        assert_eq!(r.step(&s, 1000, |_, _| Seen::Ready), Step::Idle);
+        // Stored, then read back by a restarted controller, which has not
+        // heard from the node yet: the clock is kept, not restarted.
+        let mut back = Rollout::from_json(&r.to_json()).unwrap();
+        assert_eq!(back, r);
+        // An unknown node does not hold the waves back (n1 switches), and
+        // keeps its clock.
+        assert_eq!(back.step(&s, 3000, |_, _| Seen::Unknown), Step::Switched);
+        assert!(back.healthy.is_empty());
+        // Ready since 1000: healthy at 6000, not 5 s after the restart.
+        back.step(&s, 5999, |_, _| Seen::Ready);
+        assert!(back.healthy.is_empty());
+        back.step(&s, 6000, |_, _| Seen::Ready);
+        assert_eq!(back.healthy.iter().collect::<Vec<_>>(), ["n0"]);
+        // Stored forms from before the clock was kept still read.
+        let mut old = r.to_json();
+        old.as_object_mut().unwrap().remove("readySince");
+        assert!(Rollout::from_json(&old).is_ok());
+    }
+
+    #[test]
     fn the_stored_form_reads_back_and_the_plan_follows_placement() {
         let s = strategy(&[Amount::Count(1)]);
         let mut r = Rollout::new("web", 3, 4, nodes(3), 7);
@@ -773,5 +623,122 @@ mod tests {
             ["n0", "n1", "n5"],
             "switched n0 stays, n2 left, n5 joined"
         );
+    }
+
+    #[test]
+    fn a_wave_downloads_first_and_switches_when_ready_or_too_late() {
+        let mut s = strategy(&[Amount::Count(1), Amount::Count(2)]);
+        s.prefetch = true;
+        let mut r = Rollout::new("web", 1, 2, nodes(4), 0);
+        let ready = |_: &str, _: &Switch| Seen::Ready;
+        let not_yet = |_: &str| Fetched::NotYet;
+        // The first wave's node is given the images; nothing switches.
+        assert_eq!(r.step_with(&s, 0, ready, not_yet), Step::Prefetching);
+        assert_eq!(r.prefetching.keys().collect::<Vec<_>>(), ["n0"]);
+        assert!(r.switched.is_empty());
+        assert_eq!(r.step_with(&s, 1000, ready, not_yet), Step::Idle);
+        // It has them: it switches.
+        let only_n0 = |n: &str| match n {
+            "n0" => Fetched::Ready,
+            _ => Fetched::NotYet,
+        };
+        assert_eq!(r.step_with(&s, 2000, ready, only_n0), Step::Switched);
+        assert_eq!(switched(&r), ["n0"]);
+        assert!(r.prefetching.is_empty());
+        // While its health gate runs, the next wave downloads.
+        assert_eq!(r.step_with(&s, 3000, ready, not_yet), Step::Prefetching);
+        assert_eq!(r.prefetching, BTreeMap::from([("n1".to_string(), 3000)]));
+        // The stored form keeps who downloads since when.
+        assert_eq!(Rollout::from_json(&r.to_json()).unwrap(), r);
+        // n0 healthy: wave 2, but n1 does not have its images yet, and a
+        // node not heard from since a restart waits too.
+        assert_eq!(r.step_with(&s, 8000, ready, not_yet), Step::Changed);
+        assert_eq!((r.wave, switched(&r)), (1, vec!["n0"]));
+        let unknown = |_: &str| Fetched::Unknown;
+        assert_eq!(r.step_with(&s, 62_999, ready, unknown), Step::Idle);
+        // At the timeout it switches anyway, marked so.
+        assert_eq!(r.step_with(&s, 63_000, ready, not_yet), Step::Switched);
+        assert_eq!(switched(&r), ["n0", "n1"]);
+        assert_eq!(r.prefetch_timed_out.iter().collect::<Vec<_>>(), ["n1"]);
+        assert_eq!(r.step_with(&s, 63_500, ready, not_yet), Step::Prefetching);
+        assert_eq!(r.prefetching.len(), 2, "the last wave downloads");
+        // An offline node switches at once and catches up when back, as
+        // without a prefetch; the last wave's two switch together
+        // (maxUnavailable 2).
+        let n2_offline = |n: &str| match n {
+            "n2" => Fetched::Offline,
+            _ => Fetched::Ready,
+        };
+        assert_eq!(r.step_with(&s, 68_500, ready, n2_offline), Step::Switched);
+        assert_eq!(switched(&r).len(), 4);
+        assert!(r.prefetching.is_empty());
+        assert_eq!(r.prefetch_timed_out.len(), 1);
+        r.step_with(&s, 69_000, ready, not_yet);
+        assert_eq!(r.step_with(&s, 74_000, ready, not_yet), Step::Complete);
+
+        // Without the option nothing is downloaded ahead.
+        s.prefetch = false;
+        let mut r = Rollout::new("web", 1, 2, nodes(2), 0);
+        assert_eq!(r.step_with(&s, 0, ready, not_yet), Step::Switched);
+        assert!(r.prefetching.is_empty());
+    }
+
+    #[test]
+    fn only_new_images_are_fetched_and_a_node_has_them_when_it_says_so() {
+        let spec = |images: &[&str]| {
+            let containers: Vec<String> = images
+                .iter()
+                .enumerate()
+                .map(|(i, image)| format!("{{name: c{i}, image: {image}}}"))
+                .collect();
+            let text = format!(
+                "apiVersion: flotilla.dev/v1\nkind: Workload\nmetadata: {{name: web}}\n\
+                 spec:\n  containers: [{}]\n",
+                containers.join(", ")
+            );
+            crate::manifest::parse(&text)
+                .unwrap()
+                .remove(0)
+                .pod_spec("web")
+        };
+        let old = spec(&["app:1", "side:1"]);
+        let new = spec(&["app:2", "side:1", "app:2", "log:3"]);
+        assert_eq!(prefetch_images(&new, &old), ["app:2", "log:3"]);
+        assert!(prefetch_images(&old, &old).is_empty());
+
+        let mut status = flotilla_proto::NodeStatus {
+            node: "n1".into(),
+            instance: 1,
+            seq: 1,
+            observed_generation: 1,
+            desired_error: None,
+            info: Default::default(),
+            health: Default::default(),
+            pods: vec![],
+            prefetch: vec![],
+        };
+        let images = prefetch_images(&new, &old);
+        assert!(!prefetched(Some(&status), &images));
+        assert!(!prefetched(None, &images));
+        assert!(prefetched(None, &[]));
+        use flotilla_proto::{PrefetchState, PrefetchStatus, PullProgress};
+        status.prefetch = vec![
+            PrefetchStatus {
+                image: "app:2".into(),
+                state: PrefetchState::Ready,
+            },
+            PrefetchStatus {
+                image: "log:3".into(),
+                state: PrefetchState::Pulling {
+                    progress: PullProgress {
+                        done_bytes: 1,
+                        total_bytes: 2,
+                    },
+                },
+            },
+        ];
+        assert!(!prefetched(Some(&status), &images));
+        status.prefetch[1].state = PrefetchState::Ready;
+        assert!(prefetched(Some(&status), &images));
     }
 }

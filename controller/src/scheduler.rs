@@ -22,7 +22,9 @@
 //!   pods placed there.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
+use crate::fleet::Labels;
 use crate::manifest::{Placement, Workload};
 
 /// Whether a node is connected, with when it stopped being so.
@@ -41,10 +43,11 @@ pub enum Condition {
 pub struct NodeFacts {
     /// The node's name.
     pub name: String,
-    /// Its labels: the agent's, with the controller's over them.
-    pub labels: BTreeMap<String, String>,
+    /// Its labels: the agent's, with the controller's over them (shared
+    /// with the fleet's record, not copied per placement).
+    pub labels: Labels,
     /// Its architecture (OCI name).
-    pub arch: String,
+    pub arch: Arc<str>,
     /// CPU capacity in thousandths of a CPU.
     pub cpu_millis: u64,
     /// Memory capacity in bytes.
@@ -119,7 +122,7 @@ fn selects(w: &Workload, node: &NodeFacts) -> Result<(), Refusal> {
         return Err(Refusal::Selector);
     }
     let archs = &w.spec.scheduling.architectures;
-    if !archs.is_empty() && !archs.contains(&node.arch) {
+    if !archs.is_empty() && !archs.iter().any(|a| *a == *node.arch) {
         return Err(Refusal::Architecture);
     }
     Ok(())
@@ -358,13 +361,15 @@ mod tests {
                     cpu_millis: f[2].parse::<u64>().unwrap() * 1000,
                     memory_bytes: crate::manifest::parse_memory(f[3]).unwrap(),
                     condition,
-                    labels: f[5..]
-                        .iter()
-                        .map(|kv| {
-                            let (k, v) = kv.split_once('=').unwrap();
-                            (k.into(), v.into())
-                        })
-                        .collect(),
+                    labels: Arc::new(
+                        f[5..]
+                            .iter()
+                            .map(|kv| {
+                                let (k, v) = kv.split_once('=').unwrap();
+                                (k.into(), v.into())
+                            })
+                            .collect(),
+                    ),
                 }
             })
             .collect()

@@ -3,16 +3,19 @@
 //! its generation), and the last status each node reported.
 //!
 //! Everything is validated again when loaded: a manifest goes back through
-//! [`crate::manifest::parse`], a frame through `flotilla_proto::decode`.
+//! [`crate::manifest::parse`], a frame through `flotilla_proto::decode`
+//! (statuses by [`crate::fleet::Fleet::restore`], which keeps them as frames).
+//!
+//! The page cache is fixed ([`CACHE_BYTES`]), not per node: on a large
+//! fleet it fills up once and stays at that size.
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use flotilla_proto::{
-    DesiredState, NodeStatus, check_label_key, check_label_value, decode, encode,
-};
+use flotilla_proto::{DesiredState, check_label_key, check_label_value, decode};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
+use crate::manifest::namespace::Namespace;
 use crate::manifest::{self, Workload};
 use crate::rollout::{Revision, Rollout};
 
@@ -34,6 +37,15 @@ const REVISIONS: TableDefinition<(&str, u64), &str> = TableDefinition::new("revi
 const ROLLOUTS: TableDefinition<&str, &str> = TableDefinition::new("rollouts");
 /// Node name → labels set at the controller, as a JSON object of strings.
 const NODE_LABELS: TableDefinition<&str, &str> = TableDefinition::new("node_labels");
+/// Node name → when it became NotReady (ms since the epoch, controller
+/// clock), while it is: a restarted controller keeps counting replicas'
+/// toleration from there. Written when it changes, not per status.
+const NOT_READY_SINCE: TableDefinition<&str, u64> = TableDefinition::new("not_ready_since");
+/// Secret name → the Secret sealed under the controller's key
+/// (`secrets::Vault`); never a value in the clear.
+const SECRETS: TableDefinition<&str, &[u8]> = TableDefinition::new("secrets");
+/// Namespace name → its canonical document as JSON text.
+const NAMESPACES: TableDefinition<&str, &str> = TableDefinition::new("namespaces");
 
 /// Errors from the store. Each names what was being read or written.
 #[derive(Debug, thiserror::Error)]
@@ -69,16 +81,22 @@ pub struct Snapshot {
     pub workloads: BTreeMap<String, Workload>,
     /// Last published desired state per node.
     pub desired: BTreeMap<String, DesiredState>,
-    /// Last status per node.
-    pub status: BTreeMap<String, NodeStatus>,
+    /// Last status frame per node (not decoded yet).
+    pub status: BTreeMap<String, Vec<u8>>,
     /// Last time each node was heard from.
     pub last_seen: BTreeMap<String, u64>,
     /// Labels set at the controller, per node.
     pub node_labels: BTreeMap<String, BTreeMap<String, String>>,
+    /// When each NotReady node became so.
+    pub not_ready_since: BTreeMap<String, u64>,
     /// Every kept revision of every workload.
     pub revisions: Vec<Revision>,
     /// Each workload's rollout.
     pub rollouts: Vec<Rollout>,
+    /// Secrets as stored (sealed), by name.
+    pub secrets: BTreeMap<String, Vec<u8>>,
+    /// Namespaces by name (`default`, implicit, is never stored).
+    pub namespaces: BTreeMap<String, Namespace>,
 }
 
 /// A batch of changes written in one transaction.
@@ -88,14 +106,17 @@ pub struct Batch {
     pub put_workloads: Vec<Workload>,
     /// Workloads to delete.
     pub delete_workloads: Vec<String>,
-    /// Desired states to record as published.
-    pub put_desired: Vec<DesiredState>,
-    /// Node statuses to record.
-    pub put_status: Vec<NodeStatus>,
+    /// Desired-state frames to record as published, by node (encoded once,
+    /// for the store and the publish alike).
+    pub put_desired: Vec<(String, Vec<u8>)>,
+    /// Node status frames to record, by node.
+    pub put_status: Vec<(String, Vec<u8>)>,
     /// Last-seen times to record.
     pub put_last_seen: Vec<(String, u64)>,
     /// Controller labels to record per node (an empty map removes the row).
     pub put_node_labels: Vec<(String, BTreeMap<String, String>)>,
+    /// NotReady instants to record per node (`None` removes the row).
+    pub put_not_ready_since: Vec<(String, Option<u64>)>,
     /// Revisions to record.
     pub put_revisions: Vec<Revision>,
     /// Revisions to drop, by workload and number.
@@ -104,6 +125,14 @@ pub struct Batch {
     pub put_rollouts: Vec<Rollout>,
     /// Rollouts to drop, by workload.
     pub delete_rollouts: Vec<String>,
+    /// Secrets to create or replace, already sealed, by name.
+    pub put_secrets: Vec<(String, Vec<u8>)>,
+    /// Secrets to delete.
+    pub delete_secrets: Vec<String>,
+    /// Namespaces to create or replace.
+    pub put_namespaces: Vec<Namespace>,
+    /// Namespaces to delete.
+    pub delete_namespaces: Vec<String>,
 }
 
 impl Batch {
@@ -115,7 +144,12 @@ impl Batch {
             && self.put_status.is_empty()
             && self.put_last_seen.is_empty()
             && self.put_node_labels.is_empty()
+            && self.put_not_ready_since.is_empty()
             && self.put_revisions.is_empty()
+            && self.put_secrets.is_empty()
+            && self.delete_secrets.is_empty()
+            && self.put_namespaces.is_empty()
+            && self.delete_namespaces.is_empty()
             && self.delete_revisions.is_empty()
             && self.put_rollouts.is_empty()
             && self.delete_rollouts.is_empty()
@@ -147,8 +181,12 @@ impl Store {
             tx.open_table(STATUS).map_err(db_err("create table"))?;
             tx.open_table(LAST_SEEN).map_err(db_err("create table"))?;
             tx.open_table(NODE_LABELS).map_err(db_err("create table"))?;
+            tx.open_table(NOT_READY_SINCE)
+                .map_err(db_err("create table"))?;
             tx.open_table(REVISIONS).map_err(db_err("create table"))?;
             tx.open_table(ROLLOUTS).map_err(db_err("create table"))?;
+            tx.open_table(SECRETS).map_err(db_err("create table"))?;
+            tx.open_table(NAMESPACES).map_err(db_err("create table"))?;
         }
         tx.commit().map_err(db_err("commit"))?;
         Ok(Self { db })
@@ -190,14 +228,17 @@ impl Store {
         let table = tx.open_table(STATUS).map_err(db_err("open status"))?;
         for row in table.iter().map_err(db_err("read status"))? {
             let (name, frame) = row.map_err(db_err("read status"))?;
-            // A status is only a cache of what the node will report again:
-            // drop one that no longer decodes rather than refuse to start.
-            match decode::<NodeStatus>(frame.value()) {
-                Ok(status) => {
-                    snap.status.insert(name.value().to_string(), status);
-                }
-                Err(e) => tracing::warn!(node = name.value(), "dropping stored status: {e}"),
-            }
+            snap.status
+                .insert(name.value().to_string(), frame.value().to_vec());
+        }
+
+        let table = tx
+            .open_table(NOT_READY_SINCE)
+            .map_err(db_err("open not_ready_since"))?;
+        for row in table.iter().map_err(db_err("read not_ready_since"))? {
+            let (name, ms) = row.map_err(db_err("read not_ready_since"))?;
+            snap.not_ready_since
+                .insert(name.value().to_string(), ms.value());
         }
 
         let table = tx.open_table(LAST_SEEN).map_err(db_err("open last_seen"))?;
@@ -241,6 +282,25 @@ impl Store {
                 serde_json::from_str(text.value()).map_err(|e| corrupt(e.to_string()))?;
             snap.rollouts.push(Rollout::from_json(&v).map_err(corrupt)?);
         }
+
+        let table = tx.open_table(SECRETS).map_err(db_err("open secrets"))?;
+        for row in table.iter().map_err(db_err("read secrets"))? {
+            let (name, sealed) = row.map_err(db_err("read secrets"))?;
+            snap.secrets
+                .insert(name.value().to_string(), sealed.value().to_vec());
+        }
+
+        let table = tx
+            .open_table(NAMESPACES)
+            .map_err(db_err("open namespaces"))?;
+        for row in table.iter().map_err(db_err("read namespaces"))? {
+            let (name, text) = row.map_err(db_err("read namespaces"))?;
+            let ns = parse_namespace(text.value()).map_err(|reason| StoreError::Corrupt {
+                what: format!("namespace {}", name.value()),
+                reason,
+            })?;
+            snap.namespaces.insert(ns.name.clone(), ns);
+        }
         Ok(snap)
     }
 
@@ -264,24 +324,26 @@ impl Store {
                     .map_err(db_err("delete workload"))?;
             }
             let mut table = tx.open_table(DESIRED).map_err(db_err("open desired"))?;
-            for state in &batch.put_desired {
-                let frame = encode(state).map_err(|e| StoreError::Corrupt {
-                    what: format!("desired state of node {}", state.node),
-                    reason: e.to_string(),
-                })?;
+            for (node, frame) in &batch.put_desired {
                 table
-                    .insert(state.node.as_str(), frame.as_slice())
+                    .insert(node.as_str(), frame.as_slice())
                     .map_err(db_err("write desired"))?;
             }
             let mut table = tx.open_table(STATUS).map_err(db_err("open status"))?;
-            for status in &batch.put_status {
-                let frame = encode(status).map_err(|e| StoreError::Corrupt {
-                    what: format!("status of node {}", status.node),
-                    reason: e.to_string(),
-                })?;
+            for (node, frame) in &batch.put_status {
                 table
-                    .insert(status.node.as_str(), frame.as_slice())
+                    .insert(node.as_str(), frame.as_slice())
                     .map_err(db_err("write status"))?;
+            }
+            let mut table = tx
+                .open_table(NOT_READY_SINCE)
+                .map_err(db_err("open not_ready_since"))?;
+            for (node, since) in &batch.put_not_ready_since {
+                match since {
+                    Some(ms) => table.insert(node.as_str(), ms).map(drop),
+                    None => table.remove(node.as_str()).map(drop),
+                }
+                .map_err(db_err("write not_ready_since"))?;
             }
             let mut table = tx.open_table(LAST_SEEN).map_err(db_err("open last_seen"))?;
             for (name, ms) in &batch.put_last_seen {
@@ -305,6 +367,31 @@ impl Store {
                 table
                     .remove((name.as_str(), *number))
                     .map_err(db_err("delete revision"))?;
+            }
+            let mut table = tx.open_table(SECRETS).map_err(db_err("open secrets"))?;
+            for (name, sealed) in &batch.put_secrets {
+                table
+                    .insert(name.as_str(), sealed.as_slice())
+                    .map_err(db_err("write secret"))?;
+            }
+            for name in &batch.delete_secrets {
+                table
+                    .remove(name.as_str())
+                    .map_err(db_err("delete secret"))?;
+            }
+            let mut table = tx
+                .open_table(NAMESPACES)
+                .map_err(db_err("open namespaces"))?;
+            for ns in &batch.put_namespaces {
+                let text = ns.to_json().to_string();
+                table
+                    .insert(ns.name.as_str(), text.as_str())
+                    .map_err(db_err("write namespace"))?;
+            }
+            for name in &batch.delete_namespaces {
+                table
+                    .remove(name.as_str())
+                    .map_err(db_err("delete namespace"))?;
             }
             let mut table = tx.open_table(ROLLOUTS).map_err(db_err("open rollouts"))?;
             for r in &batch.put_rollouts {
@@ -360,6 +447,15 @@ fn parse_revision(number: u64, text: &str) -> Result<Revision, String> {
     }
 }
 
+/// A namespace read back from the store, validated again as at apply.
+fn parse_namespace(text: &str) -> Result<Namespace, String> {
+    let mut objects = manifest::parse_objects(text).map_err(|e| e.to_string())?;
+    match (objects.namespaces.pop(), objects.namespaces.is_empty()) {
+        (Some(ns), true) if objects.workloads.is_empty() && objects.secrets.is_empty() => Ok(ns),
+        _ => Err("expected exactly one namespace".into()),
+    }
+}
+
 /// Labels read back from the store, checked again as any input is.
 fn parse_labels(text: &str) -> Result<BTreeMap<String, String>, String> {
     let labels: BTreeMap<String, String> = serde_json::from_str(text).map_err(|e| e.to_string())?;
@@ -373,7 +469,7 @@ fn parse_labels(text: &str) -> Result<BTreeMap<String, String>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use flotilla_proto::NodeInfo;
+    use flotilla_proto::{NodeInfo, NodeStatus, encode};
 
     fn workload(name: &str, image: &str) -> Workload {
         let text = format!(
@@ -393,6 +489,7 @@ mod tests {
                 node: "pi-1".into(),
                 generation: 4,
                 pods: vec![],
+                prefetch: Vec::new(),
             };
             let status = NodeStatus {
                 node: "pi-1".into(),
@@ -403,12 +500,14 @@ mod tests {
                 health: Default::default(),
                 info: NodeInfo::default(),
                 pods: vec![],
+                prefetch: Vec::new(),
             };
             store
                 .write(&Batch {
                     put_workloads: vec![workload("web", "oci:/a"), workload("db", "oci:/b")],
-                    put_desired: vec![desired],
-                    put_status: vec![status],
+                    put_desired: vec![("pi-1".into(), encode(&desired).unwrap())],
+                    put_status: vec![("pi-1".into(), encode(&status).unwrap())],
+                    put_not_ready_since: vec![("pi-1".into(), Some(77)), ("pi-2".into(), Some(78))],
                     put_last_seen: vec![("pi-1".into(), 99)],
                     put_revisions: (1..=3)
                         .map(|number| Revision {
@@ -422,6 +521,7 @@ mod tests {
                         ("pi-1".into(), [("tier".into(), "gold".into())].into()),
                         ("pi-2".into(), [("x".into(), "y".into())].into()),
                     ],
+                    put_namespaces: vec![net(), Namespace::empty("gone")],
                     ..Batch::default()
                 })
                 .unwrap();
@@ -429,8 +529,10 @@ mod tests {
                 .write(&Batch {
                     delete_workloads: vec!["db".into()],
                     put_node_labels: vec![("pi-2".into(), BTreeMap::new())],
+                    put_not_ready_since: vec![("pi-2".into(), None)],
                     delete_revisions: vec![("web".into(), 1)],
                     put_rollouts: vec![Rollout::new("web", 2, 3, vec!["pi-1".into()], 5)],
+                    delete_namespaces: vec!["gone".into()],
                     ..Batch::default()
                 })
                 .unwrap();
@@ -440,7 +542,8 @@ mod tests {
         assert_eq!(snap.workloads.keys().collect::<Vec<_>>(), ["web"]);
         assert_eq!(snap.workloads["web"], workload("web", "oci:/a"));
         assert_eq!(snap.desired["pi-1"].generation, 4);
-        assert_eq!(snap.status["pi-1"].seq, 2);
+        assert_eq!(decode::<NodeStatus>(&snap.status["pi-1"]).unwrap().seq, 2);
+        assert_eq!(format!("{:?}", snap.not_ready_since), r#"{"pi-1": 77}"#);
         assert_eq!(snap.last_seen["pi-1"], 99);
         let kept: Vec<(u64, u64, &str)> = snap
             .revisions
@@ -462,5 +565,15 @@ mod tests {
             format!("{:?}", snap.node_labels),
             r#"{"pi-1": {"tier": "gold"}}"#
         );
+        assert_eq!(snap.namespaces.into_values().collect::<Vec<_>>(), [net()]);
+    }
+
+    fn net() -> Namespace {
+        Namespace {
+            allow_privileged: false,
+            allowed_capabilities: vec!["NET_ADMIN".into()],
+            allow_unconfined_seccomp: true,
+            ..Namespace::empty("net")
+        }
     }
 }

@@ -118,8 +118,10 @@ async fn devices_are_held_to_their_own_topics() {
     drain(&mut ctl_loop, Duration::from_millis(300)).await;
 
     // Device a reads its own desired state, not b's.
-    let (dev, mut dev_loop) =
-        AsyncClient::new(options(addr, "dev-a", Some(("acl-a", &a.password))), 64);
+    let (dev, mut dev_loop) = AsyncClient::new(
+        options(addr, "flotilla-agent-acl-a", Some(("acl-a", &a.password))),
+        64,
+    );
     assert_eq!(
         connack(&mut dev_loop).await,
         Some(ConnectReturnCode::Success)
@@ -156,7 +158,7 @@ async fn devices_are_held_to_their_own_topics() {
     assert_eq!(seen, vec![(topics.status("acl-a"), b"mine".to_vec())]);
 
     // A will on another device's topic is refused at CONNECT.
-    let mut o = options(addr, "dev-b-will", Some(("acl-b", &b.password)));
+    let mut o = options(addr, "acl-b", Some(("acl-b", &b.password)));
     o.set_last_will(LastWill::new(
         topics.presence("acl-a"),
         b"x".to_vec(),
@@ -164,6 +166,14 @@ async fn devices_are_held_to_their_own_topics() {
         true,
     ));
     let (_c, mut l) = AsyncClient::new(o, 8);
+    assert_ne!(connack(&mut l).await, Some(ConnectReturnCode::Success));
+
+    // Another device's client id (its persistent session) with a good
+    // credential: refused.
+    let (_c, mut l) = AsyncClient::new(
+        options(addr, "flotilla-agent-acl-a", Some(("acl-b", &b.password))),
+        8,
+    );
     assert_ne!(connack(&mut l).await, Some(ConnectReturnCode::Success));
 
     // Wrong password, anonymous, and another's password: refused.
@@ -180,8 +190,20 @@ async fn devices_are_held_to_their_own_topics() {
         );
     }
 
-    // Revoked: the live session loses its rights, a new one is refused.
+    // Revoked: the live session is dropped at once, a new one is refused.
     identity.revoke("acl-a").unwrap();
+    let dropped = timeout(Duration::from_secs(2), async {
+        loop {
+            if dev_loop.poll().await.is_err() {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(
+        dropped.is_ok(),
+        "the revoked device's session was not dropped"
+    );
     dev.publish(
         topics.status("acl-a"),
         QoS::AtLeastOnce,
@@ -196,10 +218,7 @@ async fn devices_are_held_to_their_own_topics() {
             .await
             .is_empty()
     );
-    let (_c, mut l) = AsyncClient::new(
-        options(addr, "dev-a-again", Some(("acl-a", &a.password))),
-        8,
-    );
+    let (_c, mut l) = AsyncClient::new(options(addr, "acl-a", Some(("acl-a", &a.password))), 8);
     assert_ne!(connack(&mut l).await, Some(ConnectReturnCode::Success));
 
     tokio::task::spawn_blocking(move || broker.shutdown())

@@ -41,6 +41,18 @@ pub enum ConfigError {
     /// The controller's key is unreadable or not a base64 ed25519 key.
     #[error("controller key {path:?}: {reason}")]
     ControllerKey { path: PathBuf, reason: String },
+    /// No broker given, and none stored by `join`.
+    #[error(
+        "no broker: give --broker mqtt://HOST:PORT (or join with a certificate, which stores one)"
+    )]
+    NoBroker,
+    /// The certificate from `join` cannot be used.
+    #[error("device certificate: {0}")]
+    Certificate(#[from] crate::tls::TlsFileError),
+    /// A device with a certificate was given a plain broker, or one without
+    /// a certificate an `mqtts://` one.
+    #[error("broker {url:?}: {reason}")]
+    BrokerTls { url: String, reason: &'static str },
     /// No key to check desired state against, and no permission to go without.
     #[error(
         "no controller key: give --controller-key FILE, run `flotilla-agent join` first, or --insecure-unsigned"
@@ -76,9 +88,10 @@ pub enum RuntimeKind {
 #[derive(Debug, Clone, Parser)]
 #[command(name = "flotilla-agent", version, about = "Flotilla device agent")]
 pub struct Args {
-    /// MQTT broker, `mqtt://HOST:PORT`.
+    /// MQTT broker, `mqtt://HOST:PORT`, or `mqtts://HOST:PORT` for a device
+    /// with a certificate [default: the broker `join` stored with it].
     #[arg(long, env = "FLOTILLA_BROKER")]
-    pub broker: String,
+    pub broker: Option<String>,
     /// This node's name (a DNS label).
     #[arg(long, env = "FLOTILLA_NODE")]
     pub node: String,
@@ -236,26 +249,47 @@ impl NodeLabels {
     }
 }
 
-/// Where the MQTT broker listens (plain TCP).
+/// Where the MQTT broker listens.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BrokerAddr {
     /// Host name or IP address (IPv6 without brackets).
     pub host: String,
     /// TCP port.
     pub port: u16,
+    /// `mqtts://`: TLS with the device certificate kept in this directory
+    /// (the identity directory; see `tls.rs`). `None`: plain TCP.
+    pub tls: Option<PathBuf>,
 }
 
 impl BrokerAddr {
     /// Parses `mqtt://HOST[:PORT]` (or `tcp://`); the port defaults to 1883.
     pub fn parse(url: &str) -> Result<Self, ConfigError> {
+        let (addr, tls) = Self::parse_scheme(url)?;
+        if tls {
+            return Err(ConfigError::BrokerTls {
+                url: url.to_owned(),
+                reason: "mqtts:// needs the device certificate of `flotilla-agent join`",
+            });
+        }
+        Ok(addr)
+    }
+
+    /// Parses `mqtt://` (port 1883 by default) or `mqtts://` (8883); the
+    /// flag says which (`tls` is left for the caller to fill in).
+    fn parse_scheme(url: &str) -> Result<(Self, bool), ConfigError> {
         let err = |reason| ConfigError::Broker {
             url: url.to_owned(),
             reason,
         };
-        let rest = url
-            .strip_prefix("mqtt://")
-            .or_else(|| url.strip_prefix("tcp://"))
-            .ok_or_else(|| err("expected mqtt://HOST:PORT (TLS is not built in)"))?;
+        let (rest, tls) = match url.strip_prefix("mqtts://") {
+            Some(rest) => (rest, true),
+            None => (
+                url.strip_prefix("mqtt://")
+                    .or_else(|| url.strip_prefix("tcp://"))
+                    .ok_or_else(|| err("expected mqtt://HOST:PORT or mqtts://HOST:PORT"))?,
+                false,
+            ),
+        };
         let rest = rest.strip_suffix('/').unwrap_or(rest);
         if rest.contains('/') || rest.contains('@') || rest.contains('?') {
             return Err(err("expected only HOST:PORT after mqtt://"));
@@ -284,6 +318,7 @@ impl BrokerAddr {
             return Err(err("empty host"));
         }
         let port = match port {
+            None if tls => 8883,
             None => 1883,
             Some(p) => p
                 .parse::<u16>()
@@ -291,10 +326,14 @@ impl BrokerAddr {
                 .filter(|&p| p != 0)
                 .ok_or_else(|| err("port: expected a number from 1 to 65535"))?,
         };
-        Ok(Self {
-            host: host.to_owned(),
-            port,
-        })
+        Ok((
+            Self {
+                host: host.to_owned(),
+                port,
+                tls: None,
+            },
+            tls,
+        ))
     }
 }
 
@@ -362,7 +401,38 @@ impl Config {
 
     /// Validates flags into a configuration.
     pub fn from_args(args: Args) -> Result<Self, ConfigError> {
-        let mut config = Self::new(&args.broker, &args.node, args.data_dir)?;
+        // A device with a certificate always uses TLS, to the broker `join`
+        // stored unless told another.
+        let identity = identity_dir(&absolute("data dir", args.data_dir.clone())?);
+        let certified = crate::tls::has_certificate(&identity);
+        let url = match (&args.broker, certified) {
+            (Some(url), _) => url.clone(),
+            (None, true) => crate::tls::stored_broker(&identity)?,
+            (None, false) => return Err(ConfigError::NoBroker),
+        };
+        let (mut broker, tls) = BrokerAddr::parse_scheme(&url)?;
+        match (tls, certified) {
+            (true, true) => {
+                // Checked now, so a broken identity fails the start, not every connect.
+                crate::tls::client_config(&identity)?;
+                broker.tls = Some(identity.clone());
+            }
+            (false, false) => {}
+            (false, true) => {
+                return Err(ConfigError::BrokerTls {
+                    url,
+                    reason: "this device has a certificate: it only connects with mqtts://",
+                });
+            }
+            (true, false) => {
+                return Err(ConfigError::BrokerTls {
+                    url,
+                    reason: "mqtts:// needs the device certificate of `flotilla-agent join`",
+                });
+            }
+        }
+        let mut config = Self::new("mqtt://unset", &args.node, args.data_dir)?;
+        config.broker = broker;
         config.labels = NodeLabels::parse(&args.labels)?;
         if let Some(run_dir) = args.run_dir {
             config.run_dir = absolute("run dir", run_dir)?;

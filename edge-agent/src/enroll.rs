@@ -43,25 +43,60 @@ struct Answer {
     username: String,
     password: String,
     controller_key: String,
+    #[serde(flatten)]
+    certificate: Option<CertAnswer>,
 }
 
-/// Joins `node` to the fleet of the controller at `server` (`http://host:port`)
-/// with `token`, writing the credential under `data_dir`. Blocking.
-pub fn join(server: &str, token: &str, node: &str, data_dir: &Path) -> Result<(), EnrollError> {
+/// Joins `node` to the fleet of the controller at `server`
+/// (`https://host:port`; `http://` on loopback only) with `token`, writing
+/// the credential under `data_dir`. The controller's certificate is checked
+/// against `ca`, else the CA fingerprint in the token, else the system's
+/// roots ([`crate::join_tls`]). Blocking.
+pub fn join(
+    server: &str,
+    token: &str,
+    node: &str,
+    data_dir: &Path,
+    ca: Option<&Path>,
+) -> Result<(), EnrollError> {
     let base = server.trim_end_matches('/');
     let url = format!("{base}/v1/join");
     let fail = |reason: String| EnrollError::Server {
         server: base.to_owned(),
         reason,
     };
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .timeout_global(Some(Duration::from_secs(30)))
-        .build()
-        .into();
+    let (token, pin) = crate::join_tls::split_token(token).map_err(EnrollError::Refused)?;
+    let agent = if base.starts_with("https://") {
+        crate::join_tls::agent(base, ca, pin.as_ref()).map_err(fail)?
+    } else if is_loopback(base) {
+        ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(30)))
+            .build()
+            .into()
+    } else {
+        return Err(fail(
+            "the join token would cross the network in the clear: use https://".into(),
+        ));
+    };
+    // The device's MQTT key, made here and never sent: the controller gets
+    // its public half and a proof of possession (`tls::DeviceKey`).
+    let device_key = crate::tls::DeviceKey::generate().map_err(EnrollError::Answer)?;
+    let proof = device_key
+        .sign(&crate::tls::join_message(token, node, device_key.public()))
+        .map_err(EnrollError::Answer)?;
+    // A new sealing key at every join: re-enrolling rotates it.
+    let sealing =
+        crate::secrets::SealingKey::generate().map_err(|e| EnrollError::Answer(e.to_string()))?;
     let mut response = agent
         .post(&url)
-        .send_json(serde_json::json!({ "token": token, "node": node }))
+        .send_json(serde_json::json!({
+            "token": token,
+            "node": node,
+            "sealingKey": sealing.public_base64(),
+            "publicKey": b64(device_key.public()),
+            "proof": b64(&proof),
+        }))
         .map_err(|e| fail(e.to_string()))?;
     let status = response.status();
     let text = response
@@ -102,8 +137,61 @@ pub fn join(server: &str, token: &str, node: &str, data_dir: &Path) -> Result<()
     )?;
     // Checked as the agent will read it, so a bad key fails the join, not the agent.
     Trust::load(&key).map_err(|e| EnrollError::Answer(e.to_string()))?;
-    write_private(&dir.join(PASSWORD_FILE), answer.password.as_bytes())?;
+    match &answer.certificate {
+        // A device with a certificate always uses TLS: no password is kept.
+        Some(cert) => {
+            crate::tls::store(&dir, &device_key, cert, base).map_err(io_answer)?;
+            remove(&dir.join(PASSWORD_FILE))?;
+        }
+        None => {
+            write_private(&dir.join(PASSWORD_FILE), answer.password.as_bytes())?;
+            crate::tls::forget(&dir).map_err(io_answer)?;
+        }
+    }
+    sealing
+        .save(&dir.join(crate::secrets::SEALING_KEY_FILE))
+        .map_err(|e| EnrollError::Answer(e.to_string()))?;
     Ok(())
+}
+
+pub use crate::tls::CertAnswer;
+
+fn b64(bytes: &[u8]) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+fn io_answer(e: crate::tls::TlsFileError) -> EnrollError {
+    EnrollError::Answer(e.to_string())
+}
+
+fn remove(path: &Path) -> Result<(), EnrollError> {
+    match fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(EnrollError::Io {
+            op: "removing",
+            path: path.to_owned(),
+            source: e,
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// Whether `http://host[:port]…` names this machine's loopback.
+fn is_loopback(url: &str) -> bool {
+    let authority = url
+        .split_once("://")
+        .map_or(url, |(_, r)| r)
+        .split('/')
+        .next()
+        .unwrap_or_default();
+    let host = match authority.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or_default(),
+        None => authority.split(':').next().unwrap_or_default(),
+    };
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 fn write_private(path: &Path, bytes: &[u8]) -> Result<(), EnrollError> {

@@ -12,14 +12,18 @@
 pub mod config;
 pub mod enroll;
 pub mod image;
+pub mod join_tls;
 pub mod logs;
 pub mod node_info;
+pub mod prefetch;
 pub mod probe;
 pub mod reconciler;
 pub mod report;
 pub mod runtime;
+pub mod secrets;
 pub mod session;
 pub mod state;
+pub mod tls;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -110,15 +114,21 @@ async fn agent<R: Runtime, I: Images>(
     token: CancellationToken,
 ) -> anyhow::Result<()> {
     let node = config.node.as_str().to_owned();
-    let (store, loaded, info) = {
+    let (store, loaded, info, keyring) = {
         let data_dir = config.data_dir.clone();
+        let run_dir = config.run_dir.clone();
         let labels = config.labels.clone();
         let node = node.clone();
         tokio::task::spawn_blocking(move || {
             let store = StateStore::open(&data_dir)
                 .with_context(|| format!("data directory {}", data_dir.display()))?;
             let loaded = store.load(&node);
-            anyhow::Ok((store, loaded, node_info::gather(&labels)))
+            // A broken key file must not stop the pods that need no secret.
+            let keyring = secrets::Keyring::load(&node, &data_dir, &run_dir).unwrap_or_else(|e| {
+                tracing::error!("{e}: secret volumes and pull secrets cannot be opened");
+                secrets::Keyring::new(&node, &run_dir, None)
+            });
+            anyhow::Ok((store, loaded, node_info::gather(&labels), keyring))
         })
         .await
         .context("loading the stored state")??
@@ -155,6 +165,7 @@ async fn agent<R: Runtime, I: Images>(
     let settings = reconciler::Settings {
         data_dir: config.data_dir.clone(),
         stop_grace: config.stop_grace,
+        secrets: keyring,
     };
     let reconciler = reconciler::spawn(
         runtime,
@@ -206,11 +217,14 @@ async fn agent<R: Runtime, I: Images>(
                 report(&reports, None, None).await;
             }
             Verdict::Stale { generation } => {
-                tracing::info!(
-                    generation,
-                    accepted = ?accepted,
-                    "ignoring an older desired state"
+                // The controller only moves forward and the broker retains
+                // its latest state: an older one is a replay, worth telling.
+                let e = format!(
+                    "refused desired state generation {generation}: older than the accepted generation {}",
+                    accepted.unwrap_or_default()
                 );
+                tracing::warn!("{e}");
+                report(&reports, None, Some(e)).await;
             }
             Verdict::Accept(desired) => {
                 let generation = desired.generation;

@@ -29,6 +29,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::RecvTimeoutError;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -318,21 +319,21 @@ impl Logs {
     }
 }
 
-/// Runs [`Logs::rotate_all`] every [`ROTATE_EVERY`] until `shutdown`.
+/// Runs [`Logs::rotate_all`] every [`ROTATE_EVERY`] until `shutdown`, on a
+/// blocking thread of its own for the agent's whole life. A pass handed to
+/// the blocking pool every second would keep one pooled thread from ever
+/// idling out, and with it whatever stack a container start had touched on
+/// that thread (~100 KiB of resident memory).
 pub fn spawn_rotation(logs: Arc<Logs>, tracker: &TaskTracker, shutdown: CancellationToken) {
+    let (stop, stopped) = std::sync::mpsc::channel::<()>();
     tracker.spawn(async move {
-        let mut tick = tokio::time::interval(ROTATE_EVERY);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        shutdown.cancelled().await;
+        drop(stop);
+    });
+    tracker.spawn_blocking(move || {
         loop {
-            tokio::select! {
-                () = shutdown.cancelled() => return,
-                _ = tick.tick() => {}
-            }
-            let logs = Arc::clone(&logs);
-            if tokio::task::spawn_blocking(move || logs.rotate_all())
-                .await
-                .is_err()
-            {
+            logs.rotate_all();
+            if stopped.recv_timeout(ROTATE_EVERY) != Err(RecvTimeoutError::Timeout) {
                 return;
             }
         }

@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use flotilla_proto::{NodeHealth, NodeInfo, NodeStatus, PodStatus};
+use flotilla_proto::{NodeHealth, NodeInfo, NodeStatus, PodStatus, PrefetchState, PrefetchStatus};
 use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
@@ -39,6 +39,7 @@ enum Event {
         health: NodeHealth,
         urgent: bool,
     },
+    Prefetch(Vec<PrefetchStatus>),
 }
 
 /// Where components report changes. Cheap to clone.
@@ -76,6 +77,11 @@ impl ReportHandle {
     /// sends a status for it now (a warning level was crossed).
     pub async fn health(&self, health: NodeHealth, urgent: bool) -> Result<(), ReportError> {
         self.send(Event::Health { health, urgent }).await
+    }
+
+    /// How far the images listed for prefetch are (replaces the list).
+    pub async fn prefetch(&self, images: Vec<PrefetchStatus>) -> Result<(), ReportError> {
+        self.send(Event::Prefetch(images)).await
     }
 
     async fn send(&self, event: Event) -> Result<(), ReportError> {
@@ -116,6 +122,7 @@ pub fn spawn(
             info,
             health: Default::default(),
             pods: Vec::new(),
+            prefetch: Vec::new(),
         },
         pods: BTreeMap::new(),
     };
@@ -181,6 +188,16 @@ impl Reporter {
                 true
             }
             Event::PodGone(name) => self.pods.remove(&name).is_some(),
+            Event::Prefetch(mut images) => {
+                for p in &mut images {
+                    if let PrefetchState::Failed { message, .. } = &mut p.state {
+                        *message = cap_message(std::mem::take(message));
+                    }
+                }
+                let changed = self.base.prefetch != images;
+                self.base.prefetch = images;
+                changed
+            }
             Event::Health { health, urgent } => {
                 let changed = self.base.health != health;
                 self.base.health = health;

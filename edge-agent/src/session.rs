@@ -12,6 +12,11 @@
 //! is never cancelled mid-write), one publishes statuses through the client
 //! whenever the session is up and the status changed or the session is new,
 //! one publishes rpc responses.
+//!
+//! With a device certificate (`mqtts://`) the session connects over TLS
+//! (rustls on ring, the fleet CA as the only root, see `tls.rs`), a fourth
+//! task renews the certificate, and a renewed one is loaded before the
+//! next reconnect; a live connection keeps the certificate it began with.
 
 use std::time::Duration;
 
@@ -54,6 +59,9 @@ pub enum SessionError {
         what: &'static str,
         source: rumqttc::ClientError,
     },
+    /// The device certificate could not be loaded.
+    #[error(transparent)]
+    Certificate(#[from] crate::tls::TlsFileError),
 }
 
 /// What the session needs to know.
@@ -118,6 +126,19 @@ pub fn spawn(
             QoS::AtLeastOnce,
             true,
         ));
+    let mut renewed = None;
+    if let Some(dir) = &config.broker.tls {
+        options.set_transport(tls_transport(dir)?);
+        let (tx, rx) = watch::channel(0u64);
+        crate::tls::spawn_renewal(
+            dir.clone(),
+            config.node.clone(),
+            tx,
+            tracker,
+            shutdown.clone(),
+        );
+        renewed = Some(rx);
+    }
     let (client, mut eventloop) = AsyncClient::new(options, 16);
     let mut network = NetworkOptions::new();
     // Without TCP_NODELAY each QoS 1 round trip stalls ~44 ms (Nagle plus
@@ -132,6 +153,7 @@ pub fn spawn(
         desired,
         rpc_requests: rpc.requests,
         connected: connected_tx,
+        renewed,
     };
     let token = shutdown.clone();
     tracker.spawn(async move { looper.run(&mut eventloop, token).await });
@@ -157,10 +179,20 @@ struct EventLoopTask {
     rpc_requests: mpsc::Sender<Vec<u8>>,
     /// `Some(n)` while connected, `n` counting connections.
     connected: watch::Sender<Option<u64>>,
+    /// Bumped by the renewal task when a new certificate is stored.
+    renewed: Option<watch::Receiver<u64>>,
+}
+
+/// The TLS transport from the certificate files in `dir`.
+fn tls_transport(dir: &std::path::Path) -> Result<rumqttc::Transport, SessionError> {
+    let config = crate::tls::client_config(dir)?;
+    Ok(rumqttc::Transport::tls_with_config(
+        rumqttc::TlsConfiguration::Rustls(config),
+    ))
 }
 
 impl EventLoopTask {
-    async fn run(self, eventloop: &mut EventLoop, shutdown: CancellationToken) {
+    async fn run(mut self, eventloop: &mut EventLoop, shutdown: CancellationToken) {
         let desired_topic = self.config.topics.desired(&self.config.node);
         let rpc_topic = self
             .config
@@ -230,6 +262,7 @@ impl EventLoopTask {
                         () = shutdown.cancelled() => break,
                         () = tokio::time::sleep(delay) => {}
                     }
+                    self.reload_certificate(eventloop);
                 }
             }
         }
@@ -237,6 +270,24 @@ impl EventLoopTask {
             self.goodbye(eventloop).await;
         }
         self.connected.send_replace(None);
+    }
+
+    /// Before a reconnect: a renewed certificate replaces the old one.
+    fn reload_certificate(&mut self, eventloop: &mut EventLoop) {
+        let (Some(renewed), Some(dir)) = (&mut self.renewed, &self.config.broker.tls) else {
+            return;
+        };
+        if !renewed.has_changed().unwrap_or(false) {
+            return;
+        }
+        renewed.borrow_and_update();
+        match tls_transport(dir) {
+            Ok(transport) => {
+                eventloop.mqtt_options.set_transport(transport);
+                tracing::info!("connecting with the renewed certificate");
+            }
+            Err(e) => tracing::warn!("keeping the old certificate: {e}"),
+        }
     }
 
     fn on_connected(&self, subscribe: bool, topics: &[&str]) -> Result<(), SessionError> {

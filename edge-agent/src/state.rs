@@ -218,6 +218,12 @@ fn check_pod_parts(pod: &PodSpec) -> Result<(), (String, String)> {
                     }
                 }
             }
+            VolumeSource::Secret {
+                items,
+                default_mode,
+                sealed,
+            } => crate::secrets::check_volume(items, *default_mode, sealed)
+                .map_err(|(f, p)| (at(&f), p))?,
         }
     }
     for (c_index, c) in pod.containers.iter().enumerate() {
@@ -458,8 +464,10 @@ mod tests {
                     termination_grace_secs: 30,
                     volumes: vec![],
                     containers: cs.iter().map(|c| container(c)).collect(),
+                    image_pull_secrets: Vec::new(),
                 })
                 .collect(),
+            prefetch: Vec::new(),
         }
     }
 

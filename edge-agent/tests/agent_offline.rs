@@ -29,7 +29,9 @@ fn state(node: &str, generation: u64, pod: &str) -> DesiredState {
             termination_grace_secs: 30,
             volumes: vec![],
             containers: vec![spec()],
+            image_pull_secrets: Vec::new(),
         }],
+        prefetch: Vec::new(),
     }
 }
 

@@ -49,6 +49,7 @@ fn pod(name: &str, policy: RestartPolicy, containers: Vec<ContainerSpec>) -> Pod
         termination_grace_secs: 30,
         volumes: vec![],
         containers,
+        image_pull_secrets: Vec::new(),
     }
 }
 

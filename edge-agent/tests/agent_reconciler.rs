@@ -33,6 +33,7 @@ fn pod(name: &str, policy: RestartPolicy, containers: Vec<ContainerSpec>) -> Pod
         termination_grace_secs: 30,
         volumes: vec![],
         containers,
+        image_pull_secrets: Vec::new(),
     }
 }
 
@@ -378,6 +379,7 @@ async fn adoption_keeps_running_desired_containers_and_removes_the_rest() {
                 resources: Resources::default(),
                 log_path: Path::new("/dev/null").into(),
                 mounts: vec![],
+                security: Default::default(),
             })
             .unwrap();
     };

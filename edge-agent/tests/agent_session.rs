@@ -248,7 +248,9 @@ fn desired(node: &str, generation: u64, version: &str) -> DesiredState {
             termination_grace_secs: 30,
             volumes: vec![],
             containers: vec![app(version)],
+            image_pull_secrets: Vec::new(),
         }],
+        prefetch: Vec::new(),
     }
 }
 

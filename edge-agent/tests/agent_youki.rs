@@ -32,6 +32,7 @@ fn pod(name: &str, c: ContainerSpec) -> PodSpec {
         termination_grace_secs: 30,
         volumes: vec![],
         containers: vec![c],
+        image_pull_secrets: Vec::new(),
     }
 }
 
@@ -148,6 +149,7 @@ async fn real_containers_run_from_stored_state_and_are_removed_when_undesired() 
         node: NODE.into(),
         generation: 1,
         pods: vec![hello],
+        prefetch: Vec::new(),
     };
     run_with_stored(dir.path(), &d1, "hello's output", || {
         log("hello").contains("hello from hello")
@@ -169,6 +171,7 @@ async fn real_containers_run_from_stored_state_and_are_removed_when_undesired() 
         node: NODE.into(),
         generation: 2,
         pods: vec![second],
+        prefetch: Vec::new(),
     };
     run_with_stored(dir.path(), &d2, "hello removed and second running", || {
         let ids = cgroups();
@@ -184,6 +187,7 @@ async fn real_containers_run_from_stored_state_and_are_removed_when_undesired() 
         node: NODE.into(),
         generation: 3,
         pods: vec![],
+        prefetch: Vec::new(),
     };
     run_with_stored(dir.path(), &d3, "everything removed", || {
         cgroups().is_empty() && !logs.join("second").exists()

@@ -8,14 +8,17 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Barrier};
 
 use anyhow::{Context, Result, anyhow, bail};
-use flotilla_agent::image::{ImageConfig, ImageError, ImageStore, Images, resolve_user};
+use flotilla_agent::image::{
+    Image, ImageConfig, ImageError, ImageStore, Images, layers, resolve_user,
+};
 use flotilla_testkit::oci::{
     self, Compression, ImageBuilder, IndexBuilder, Platform, RawEntry, RawKind,
 };
 
 /// What the store keeps besides images and work directories: the blob
-/// store, the reference records, its lock and the garbage collector's list.
-const BOOKKEEPING: &[&str] = &["blobs", "refs", ".lock", "gc-keep"];
+/// store, the reference records, its lock, the garbage collector's list and
+/// the shared unpacked layers.
+const BOOKKEEPING: &[&str] = &["blobs", "refs", ".lock", "gc-keep", "layers"];
 
 /// A temp dir holding the store at `store/`, layouts and archives.
 struct Fixture {
@@ -55,6 +58,21 @@ impl Fixture {
     }
 }
 
+/// The image's files as a container sees them, read through its layers.
+fn read(image: &Image, path: &str) -> Result<String> {
+    let found = layers::find(&image.rootfs, Path::new(path))?
+        .with_context(|| format!("{path} not in the image"))?;
+    Ok(fs::read_to_string(found)?)
+}
+
+/// The image's top layer as unpacked in the store.
+fn top_layer(image: &Image) -> Result<PathBuf> {
+    layers::lower_dirs(&image.rootfs)?
+        .into_iter()
+        .next()
+        .context("an image has a layer")
+}
+
 fn oci_ref(dir: &Path, tag: Option<&str>) -> String {
     match tag {
         Some(tag) => format!("oci:{}:{tag}", dir.display()),
@@ -89,9 +107,9 @@ fn tags_select_manifests_and_missing_tags_are_named() -> Result<()> {
         .write_layout(&layout, Some("latest"))?;
 
     let one = f.store.ensure(&oci_ref(&layout, Some("1")))?;
-    assert_eq!(fs::read_to_string(one.rootfs.join("version"))?, "one");
+    assert_eq!(read(&one, "version")?, "one");
     let latest = f.store.ensure(&oci_ref(&layout, Some("latest")))?;
-    assert_eq!(fs::read_to_string(latest.rootfs.join("version"))?, "latest");
+    assert_eq!(read(&latest, "version")?, "latest");
     assert_ne!(one.digest, latest.digest);
 
     let reference = oci_ref(&layout, Some("2"));
@@ -115,7 +133,7 @@ fn tags_select_manifests_and_missing_tags_are_named() -> Result<()> {
         .file("x", "single", 0o644)
         .write_layout(&single, None)?;
     let image = f.store.ensure(&oci_ref(&single, None))?;
-    assert_eq!(fs::read_to_string(image.rootfs.join("x"))?, "single");
+    assert_eq!(read(&image, "x")?, "single");
 
     fs::write(f.path("a-file"), "not a layout")?;
     let err = expect_err(f.store.ensure(&oci_ref(&f.path("a-file"), None)))?;
@@ -162,7 +180,7 @@ fn config_fields_are_read() -> Result<()> {
         user: "app:staff".into(),
     };
     assert_eq!(image.config, want);
-    // The store keeps the config blob next to the rootfs.
+    // The store keeps the config blob next to the layer list.
     let stored = image
         .rootfs
         .parent()
@@ -196,7 +214,7 @@ fn multi_platform_images_pick_this_device() -> Result<()> {
         )
         .write_layout(&layout, Some("latest"))?;
     let image = f.store.ensure(&oci_ref(&layout, Some("latest")))?;
-    assert_eq!(fs::read_to_string(image.rootfs.join("arch"))?, "host");
+    assert_eq!(read(&image, "arch")?, "host");
     assert_eq!(image.digest, written.manifest);
     assert_ne!(written.digest, written.manifest);
 
@@ -303,8 +321,8 @@ fn zstd_layers_are_refused_and_docker_gzip_accepted() -> Result<()> {
         .file("b", "plain", 0o644)
         .write_layout(&layout, Some("d"))?;
     let image = f.store.ensure(&oci_ref(&layout, Some("d")))?;
-    assert_eq!(fs::read_to_string(image.rootfs.join("a"))?, "docker");
-    assert_eq!(fs::read_to_string(image.rootfs.join("b"))?, "plain");
+    assert_eq!(read(&image, "a")?, "docker");
+    assert_eq!(read(&image, "b")?, "plain");
     Ok(())
 }
 
@@ -325,7 +343,7 @@ fn layers_keep_modes_owners_and_links() -> Result<()> {
         .raw(RawEntry::file("/etc/abs-name", "normalised"))
         .raw(RawEntry::file("./etc/dot-name", "normalised"))
         .write_layout(&layout, None)?;
-    let root = f.store.ensure(&oci_ref(&layout, None))?.rootfs;
+    let root = top_layer(&f.store.ensure(&oci_ref(&layout, None))?)?;
 
     let mode = |p: &str| -> Result<u32> {
         Ok(fs::symlink_metadata(root.join(p))?.permissions().mode() & 0o7777)
@@ -381,8 +399,30 @@ fn whiteouts_and_opaque_directories_hide_lower_layers() -> Result<()> {
         .layer(Compression::Plain)
         .file("gone", "back", 0o644)
         .write_layout(&layout, None)?;
-    let root = f.store.ensure(&oci_ref(&layout, None))?.rootfs;
-
+    let image = f.store.ensure(&oci_ref(&layout, None))?;
+    // As overlayfs reads them: a whiteout is a character device 0/0, an
+    // opaque directory carries the xattr; each layer keeps only its own.
+    let lower = layers::lower_dirs(&image.rootfs)?;
+    assert_eq!(lower.len(), 3);
+    let middle = &lower[1];
+    assert!(layers::is_whiteout(&fs::symlink_metadata(
+        middle.join("gone")
+    )?));
+    assert!(layers::is_whiteout(&fs::symlink_metadata(
+        middle.join("dir/gone-too")
+    )?));
+    assert!(layers::is_opaque(&middle.join("opq")));
+    let bottom = &lower[2];
+    assert!(!layers::is_opaque(&bottom.join("opq")) && bottom.join("opq/lower").exists());
+    assert!(
+        !middle.join("keep").exists(),
+        "lower layers are not copied up"
+    );
+    assert_eq!(fs::read_to_string(lower[0].join("gone"))?, "back");
+    // The merged view (the copy fallback's merge).
+    let root = f.path("merged");
+    fs::create_dir(&root)?;
+    layers::merge(&lower, &root)?;
     let exists = |p: &str| fs::symlink_metadata(root.join(p)).is_ok();
     assert!(exists("keep"));
     assert_eq!(fs::read_to_string(root.join("gone"))?, "back");
@@ -405,7 +445,7 @@ fn whiteouts_and_opaque_directories_hide_lower_layers() -> Result<()> {
 /// Hostile layers: (case, image, what the error must name). `canary` is a
 /// directory next to the store that nothing may touch.
 fn hostile_images(canary: &str) -> Vec<(&'static str, ImageBuilder, &'static str)> {
-    // rootfs is built at {tmp}/store/.tmp-…/rootfs: ../../../canary is the canary.
+    // A layer is built at {tmp}/store/.tmp-…/root: ../../../canary is the canary.
     let up = "../../../canary";
     let link = || ImageBuilder::new().symlink("evil", canary);
     vec![
@@ -429,13 +469,6 @@ fn hostile_images(canary: &str) -> Vec<(&'static str, ImageBuilder, &'static str
             "relative symlink parent",
             ImageBuilder::new()
                 .symlink("evil", up)
-                .file("evil/pwned", "x", 0o644),
-            "evil/pwned",
-        ),
-        (
-            "symlink in a lower layer",
-            link()
-                .layer(Compression::Gzip)
                 .file("evil/pwned", "x", 0o644),
             "evil/pwned",
         ),
@@ -536,6 +569,31 @@ fn escaping_layers_are_refused_and_write_nothing_outside() -> Result<()> {
 }
 
 #[test]
+fn a_symlink_in_a_lower_layer_is_shadowed_never_followed() -> Result<()> {
+    // Each layer is unpacked on its own: an upper layer's `evil/pwned`
+    // makes a directory `evil` in that layer, which hides the lower
+    // symlink (as with Docker's overlay2), and nothing is written outside.
+    let f = Fixture::new()?;
+    let canary = f.path("canary");
+    fs::create_dir(&canary)?;
+    let layout = f.path("img");
+    ImageBuilder::new()
+        .symlink("evil", &canary.display().to_string())
+        .layer(Compression::Gzip)
+        .file("evil/pwned", "x", 0o644)
+        .write_layout(&layout, None)?;
+    let image = f.store.ensure(&oci_ref(&layout, None))?;
+    assert_eq!(fs::read_dir(&canary)?.count(), 0, "canary dir touched");
+    assert_eq!(read(&image, "evil/pwned")?, "x");
+    let root = f.path("merged");
+    fs::create_dir(&root)?;
+    layers::merge(&layers::lower_dirs(&image.rootfs)?, &root)?;
+    assert!(fs::symlink_metadata(root.join("evil"))?.is_dir());
+    assert_eq!(fs::read_dir(&canary)?.count(), 0, "canary dir touched");
+    Ok(())
+}
+
+#[test]
 fn oci_archives_unpack_and_leave_no_scratch() -> Result<()> {
     let f = Fixture::new()?;
     let archive = f.path("img.tar");
@@ -546,10 +604,7 @@ fn oci_archives_unpack_and_leave_no_scratch() -> Result<()> {
     let reference = format!("oci-archive:{}:v2", archive.display());
     let image = f.store.ensure(&reference)?;
     assert_eq!(image.digest, written.manifest);
-    assert_eq!(
-        fs::read_to_string(image.rootfs.join("etc/hello"))?,
-        "from archive"
-    );
+    assert_eq!(read(&image, "etc/hello")?, "from archive");
     assert_eq!(image.config.cmd, ["sh"]);
     assert_eq!(
         f.store_entries()?,
@@ -606,7 +661,7 @@ fn concurrent_ensures_of_one_image_all_succeed() -> Result<()> {
     assert!(images.windows(2).all(|w| w[0] == w[1]));
     for i in 0..200 {
         assert_eq!(
-            fs::read_to_string(images[0].rootfs.join(format!("d{}/f{i}", i % 10)))?,
+            read(&images[0], &format!("d{}/f{i}", i % 10))?,
             i.to_string()
         );
     }
@@ -631,7 +686,7 @@ fn a_stored_image_is_not_unpacked_again() -> Result<()> {
     fs::remove_file(oci::blob_path(&layout, &written.layers[0]))?;
     let second = f.store.ensure(&oci_ref(&layout, Some("x")))?;
     assert_eq!(first, second);
-    assert_eq!(fs::read_to_string(second.rootfs.join("a"))?, "1");
+    assert_eq!(read(&second, "a")?, "1");
 
     // A fresh store over the same root finds it too (agent restart).
     let reopened = ImageStore::new(f.store.root().to_owned())?;
@@ -658,7 +713,7 @@ fn busybox_image_unpacks_with_its_applets() -> Result<()> {
     let layout = f.path("busybox");
     oci::busybox().write_layout(&layout, Some("latest"))?;
     let image = f.store.ensure(&oci_ref(&layout, Some("latest")))?;
-    let root = &image.rootfs;
+    let root = &top_layer(&image)?;
     assert_eq!(fs::read_link(root.join("bin/sh"))?, Path::new("busybox"));
     let busybox = fs::metadata(root.join("bin/busybox"))?;
     assert_eq!(busybox.len(), fs::metadata(oci::HOST_BUSYBOX)?.len());
@@ -668,8 +723,8 @@ fn busybox_image_unpacks_with_its_applets() -> Result<()> {
         0o1777
     );
     assert_eq!(image.config.cmd, ["sh"]);
-    assert_eq!(resolve_user(root, "nobody")?, (65534, 65534));
-    assert_eq!(resolve_user(root, "root")?, (0, 0));
+    assert_eq!(resolve_user(&image.rootfs, "nobody")?, (65534, 65534));
+    assert_eq!(resolve_user(&image.rootfs, "root")?, (0, 0));
     // The unpacked shell really runs.
     let out = std::process::Command::new(root.join("bin/sh"))
         .args(["-c", "echo ok"])

@@ -14,8 +14,8 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use flotilla_agent::image::{
-    Credentials, Image, ImageError, ImageStore, Images, PullObserver, PullProgress, PullSettings,
-    RegistrySettings,
+    Credentials, Image, ImageError, ImageStore, Images, NoObserver, PullObserver, PullProgress,
+    PullSecrets, PullSettings, RegistrySettings, layers,
 };
 use flotilla_testkit::oci::{self, IndexBuilder, Platform, RawEntry};
 use flotilla_testkit::registry::{CutProxy, Registry, TokenServer};
@@ -68,7 +68,8 @@ impl PullObserver for Recorder {
 }
 
 fn marker(image: &Image) -> String {
-    std::fs::read_to_string(image.rootfs.join("etc/marker")).unwrap()
+    let path = layers::find(&image.rootfs, Path::new("etc/marker")).unwrap();
+    std::fs::read_to_string(path.unwrap()).unwrap()
 }
 
 fn err(result: Result<Image, ImageError>) -> ImageError {
@@ -88,7 +89,8 @@ fn pulls_shows_progress_and_starts_again_with_no_network() {
     let image = store.pull(&format!("{host}/app:1"), &seen).unwrap();
     assert_eq!(image.digest, written.manifest);
     assert_eq!(marker(&image), "one");
-    assert!(image.rootfs.join("bin/busybox").is_file());
+    let busybox = layers::find(&image.rootfs, Path::new("bin/busybox")).unwrap();
+    assert!(busybox.unwrap().is_file());
     assert_eq!(image.config.cmd, ["sh"]);
     let progress = seen.0.lock().unwrap().clone();
     let last = progress.last().copied().unwrap();
@@ -225,6 +227,7 @@ async fn a_dropped_connection_resumes_where_it_stopped_and_the_container_runs() 
         resources: Default::default(),
         log_path: log.clone(),
         mounts: vec![],
+        security: Default::default(),
     };
     rt.start(&config).unwrap();
     let exit = tokio::time::timeout(Duration::from_secs(30), rt.wait(&config.id)).await;
@@ -264,7 +267,7 @@ fn a_corrupt_blob_is_refused_and_nothing_else_is_touched() {
 }
 
 #[test]
-fn a_layer_escaping_its_directory_is_refused() {
+fn a_layer_escaping_its_directory_is_refused_or_contained() {
     let registry = Registry::start().unwrap();
     let host = registry.host();
     let outside = tempfile::tempdir().unwrap();
@@ -291,10 +294,13 @@ fn a_layer_escaping_its_directory_is_refused() {
             .unwrap();
     }
     let (_dir, store) = store(settings_for(&[&host]));
-    for tag in ["dotdot", "link"] {
-        let e = err(store.ensure(&format!("{host}/evil:{tag}")));
-        assert_eq!(e.reason(), "UnsafeLayer", "{tag}: {e}");
-    }
+    let e = err(store.ensure(&format!("{host}/evil:dotdot")));
+    assert_eq!(e.reason(), "UnsafeLayer", "{e}");
+    // Layers are unpacked apart: the upper layer's `etc/out/pwned` makes a
+    // directory in that layer, shadowing the lower symlink, never following it.
+    let image = store.ensure(&format!("{host}/evil:link")).unwrap();
+    let pwned = layers::find(&image.rootfs, Path::new("etc/out/pwned")).unwrap();
+    assert!(pwned.unwrap().starts_with(store.root()));
     assert!(!Path::new("/tmp/flotilla-evil").exists());
     assert!(!outside.path().join("pwned").exists());
 }
@@ -373,6 +379,99 @@ fn credentials_basic_and_token() {
     let granted_before = tokens.granted();
     assert_eq!(marker(&good.ensure(&reference).unwrap()), "token");
     assert!(tokens.granted() > granted_before);
+}
+
+/// A pod's pull secrets for `host`, one per (secret, password), in order.
+fn pull_secrets(host: &str, secrets: &[(&str, &str)]) -> PullSecrets {
+    let mut out = PullSecrets::none();
+    for (name, password) in secrets {
+        let json = format!(
+            r#"{{"auths":{{"http://{host}/v2/":{{"username":"robot","password":"{password}"}}}}}}"#
+        );
+        out.add_docker_config(name, json.as_bytes()).unwrap();
+    }
+    out
+}
+
+#[test]
+fn pull_secrets_come_before_the_registries_file() {
+    let registry = Registry::builder()
+        .basic_auth("robot", "s3cret")
+        .start()
+        .unwrap();
+    let host = registry.host();
+    push_busybox(&registry, "private:1", "private");
+    let reference = format!("{host}/private:1");
+    let with_file = |password: &str| {
+        let mut s = PullSettings::default();
+        s.min_free = 0;
+        s.with_registry(
+            &host,
+            RegistrySettings {
+                insecure: true,
+                credentials: Some(Credentials {
+                    username: "robot".into(),
+                    password: password.into(),
+                }),
+                ..RegistrySettings::default()
+            },
+        )
+    };
+    // The secret opens what the file's wrong password does not.
+    let (_d1, s1) = store(with_file("wrong"));
+    let secrets = pull_secrets(&host, &[("regcred", "s3cret")]);
+    let image = s1.pull_with(&reference, &secrets, &NoObserver).unwrap();
+    assert_eq!(marker(&image), "private");
+    // A wrong secret, then the file's right password.
+    let (_d2, s2) = store(with_file("s3cret"));
+    let secrets = pull_secrets(&host, &[("old", "expired")]);
+    assert!(s2.pull_with(&reference, &secrets, &NoObserver).is_ok());
+    // Every one refused: each is named, no password is.
+    let (_d3, s3) = store(with_file("wrong"));
+    let mut secrets = pull_secrets(&host, &[("a", "x1"), ("b", "x2")]);
+    secrets.add_problem("pull secret \"c\" could not be used: secret \"c\" not found".into());
+    let e = err(s3.pull_with(&reference, &secrets, &NoObserver));
+    assert_eq!(e.reason(), "Unauthorized", "{e}");
+    let msg = e.to_string();
+    assert!(
+        msg.contains(
+            "credentials were refused (pull secret \"a\", then pull secret \"b\", then the registries file)"
+        ),
+        "{msg}"
+    );
+    assert!(
+        msg.ends_with("; pull secret \"c\" could not be used: secret \"c\" not found"),
+        "{msg}"
+    );
+    assert!(!msg.contains("x1") && !msg.contains("wrong"), "{msg}");
+
+    // Bearer: a refused secret, then the right one, at the token server.
+    let tokens = TokenServer::start("robot", "t0ken").unwrap();
+    let registry = Registry::builder()
+        .token_auth(&tokens.realm())
+        .start()
+        .unwrap();
+    let host = registry.host();
+    let layout = tempfile::tempdir().unwrap();
+    oci::busybox()
+        .file("etc/marker", "token", 0o644)
+        .write_layout(layout.path(), "t")
+        .unwrap();
+    push_with_creds(&registry, layout.path(), "robot:t0ken");
+    let (_d4, s4) = store(settings_for(&[&host]));
+    let reference = format!("{host}/tok:1");
+    let e = err(s4.ensure(&reference));
+    assert_eq!(e.reason(), "Unauthorized", "{e}");
+    assert!(
+        e.to_string().contains("anonymous access was refused"),
+        "{e}"
+    );
+    let (refused, granted) = (tokens.refused(), tokens.granted());
+    let secrets = pull_secrets(&host, &[("stale", "old"), ("fresh", "t0ken")]);
+    let image = s4.pull_with(&reference, &secrets, &NoObserver).unwrap();
+    assert_eq!(marker(&image), "token");
+    assert!(tokens.refused() > refused);
+    assert!(tokens.granted() > granted);
 }
 
 fn push_with_creds(registry: &Registry, layout: &Path, creds: &str) {
@@ -517,12 +616,12 @@ fn garbage_collection_keeps_current_and_previous_images() {
         (0, 0),
         "rollback target kept"
     );
-    assert!(i1.rootfs.is_dir() && i2.rootfs.is_dir());
+    assert!(i1.rootfs.is_file() && i2.rootfs.is_file());
     let i3 = store.ensure(&r(3)).unwrap();
     let report = store.gc(&[r(3)]).unwrap();
     assert_eq!(report.images, 1, "{report:?}");
     assert!(!i1.rootfs.exists());
-    assert!(i2.rootfs.is_dir() && i3.rootfs.is_dir());
+    assert!(i2.rootfs.is_file() && i3.rootfs.is_file());
     let blob = |d: &str| {
         store
             .root()
@@ -577,7 +676,7 @@ fn imports_run_with_no_registry() {
     // Imports survive garbage collection.
     store.gc(&[]).unwrap();
     store.gc(&["other:1".to_owned()]).unwrap();
-    assert!(image.rootfs.is_dir());
+    assert!(image.rootfs.is_file());
 
     // `docker save`: manifest.json, a config and plain tar layers.
     let layer = tar_of(&[("etc/marker", b"docker-save" as &[u8]), ("bin/true", b"")]);

@@ -60,6 +60,7 @@ impl Fixture {
             },
             log_path: self.dir.path().join("logs").join(format!("{id}.log")),
             mounts,
+            security: Default::default(),
         }
     }
 
@@ -96,6 +97,19 @@ impl Drop for Fixture {
                 eprintln!("cleanup of {id} failed: {e}");
             }
         }
+    }
+}
+
+/// Processes with command line `cmdline` still there after `within`: a
+/// killed process leaves /proc a moment after the kill.
+async fn processes_left(cmdline: &[u8], within: Duration) -> usize {
+    let deadline = Instant::now() + within;
+    loop {
+        let n = processes_running(cmdline);
+        if n == 0 || Instant::now() > deadline {
+            return n;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
@@ -297,14 +311,20 @@ async fn exec_runs_inside_the_container_as_its_user() {
         "{:?}",
         began.elapsed()
     );
-    assert_eq!(processes_running(b"sleep\x0031337\x00"), 0);
+    assert_eq!(
+        processes_left(b"sleep\x0031337\x00", Duration::from_secs(5)).await,
+        0
+    );
     // Nor does a command that exits leaving a child in the background.
     let code = f
         .exec("exec.main.1", "sleep 31338 & exit 0", t)
         .await
         .unwrap();
     assert_eq!(code, 0);
-    assert_eq!(processes_running(b"sleep\x0031338\x00"), 0);
+    assert_eq!(
+        processes_left(b"sleep\x0031338\x00", Duration::from_secs(5)).await,
+        0
+    );
     let leftovers: Vec<String> = std::fs::read_dir(f.dir.path().join("state/exec.main.1"))
         .unwrap()
         .flatten()

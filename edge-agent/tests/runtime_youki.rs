@@ -57,6 +57,7 @@ impl Fixture {
             resources: Resources::default(),
             log_path: self.dir.path().join("logs").join(format!("{id}.log")),
             mounts: vec![],
+            security: Default::default(),
         }
     }
 
@@ -424,7 +425,8 @@ async fn bad_commands_fail_clearly_and_leave_nothing() {
     missing_image.image_rootfs = f.dir.path().join("no-such-image");
     let err = f.start(&missing_image).unwrap_err();
     assert!(
-        err.to_string().contains("no-such-image: not a directory"),
+        err.to_string()
+            .contains("no-such-image: No such file or directory"),
         "{err}"
     );
 

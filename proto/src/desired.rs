@@ -17,6 +17,11 @@ pub struct DesiredState {
     pub generation: u64,
     /// The pods, each with a name unique on the node.
     pub pods: Vec<PodSpec>,
+    /// Image references to download ahead of a switch, in the background,
+    /// without starting anything (a staged rollout's next revision); the
+    /// agent keeps them while listed and reports them in
+    /// `NodeStatus::prefetch`.
+    pub prefetch: Vec<String>,
 }
 
 impl Message for DesiredState {
@@ -39,6 +44,9 @@ pub struct PodSpec {
     pub volumes: Vec<Volume>,
     /// The containers, in start order.
     pub containers: Vec<ContainerSpec>,
+    /// Registry credentials for this pod's pulls (Docker config JSON,
+    /// sealed for the node), tried before the agent's own.
+    pub image_pull_secrets: Vec<SealedSecret>,
 }
 
 /// A volume of a pod.
@@ -65,6 +73,17 @@ pub enum VolumeSource {
     Config {
         /// The files.
         files: Vec<ConfigFile>,
+    },
+    /// A Secret's files, sealed for this node only, written by the agent
+    /// on a memory-backed mount and mounted read-only.
+    Secret {
+        /// Which of the Secret's keys become which files; empty: every key,
+        /// as a file named after it. Names and paths only, never values.
+        items: Vec<SecretItem>,
+        /// Permission bits of files whose item gives none.
+        default_mode: u32,
+        /// The files themselves, sealed.
+        sealed: SealedSecret,
     },
 }
 
@@ -167,6 +186,27 @@ pub struct ContainerSpec {
     pub readiness_probe: Option<Probe>,
     /// Holds the other probes back until it passes once.
     pub startup_probe: Option<Probe>,
+    /// Privileges beyond the hardened default; `None`: the default.
+    pub security_context: Option<SecurityContext>,
+}
+
+/// What a container may do beyond the hardened default (Docker's default
+/// capabilities, seccomp profile, device allowlist and masked paths).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct SecurityContext {
+    /// Every capability, no seccomp filter, every device, nothing masked
+    /// (Docker's `--privileged`).
+    pub privileged: bool,
+    /// Capabilities added to the default set, as `NET_ADMIN` (no `CAP_`);
+    /// `ALL` adds every one.
+    pub add_capabilities: Vec<String>,
+    /// Capabilities removed from the default set; `ALL` removes every one
+    /// (added ones are then all there is).
+    pub drop_capabilities: Vec<String>,
+    /// No seccomp filter (Kubernetes' `seccompProfile: Unconfined`).
+    pub seccomp_unconfined: bool,
+    /// The root filesystem is mounted read-only.
+    pub read_only_root_filesystem: bool,
 }
 
 impl ContainerSpec {
@@ -185,6 +225,7 @@ impl ContainerSpec {
             liveness_probe: None,
             readiness_probe: None,
             startup_probe: None,
+            security_context: None,
         }
     }
 }
@@ -207,4 +248,84 @@ pub struct Resources {
     pub memory_bytes: Option<u64>,
     /// Maximum number of processes.
     pub pids: Option<u32>,
+}
+
+/// One key of a Secret projected as a file of a secret volume.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SecretItem {
+    /// The Secret's key.
+    pub key: String,
+    /// Relative path inside the volume (no `..`, not absolute).
+    pub path: String,
+    /// Permission bits; `None`: the volume's `default_mode`.
+    pub mode: Option<u32>,
+}
+
+/// A Secret's contents sealed for one node: X25519 from a one-time
+/// controller key to the node's sealing key, HKDF-SHA256, then
+/// ChaCha20-Poly1305 over a [`SecretFiles`] frame, with
+/// [`sealed_secret_context`] as both the HKDF info and the AAD. Only that
+/// node can open it; the broker and the agent's disk see ciphertext only.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SealedSecret {
+    /// The Secret's name at the controller (not secret; bound into the seal).
+    pub name: String,
+    /// A digest of the contents keyed by the controller: the same while
+    /// they are, though every seal's ciphertext differs, so container ids
+    /// hash this; being keyed, it tells nothing about the values.
+    pub digest: [u8; 32],
+    /// The controller's one-time X25519 public key.
+    pub ephemeral_public: [u8; 32],
+    /// The AEAD nonce.
+    pub nonce: [u8; 12],
+    /// The sealed [`SecretFiles`] frame and its tag; empty when `problem`
+    /// says why nothing could be sealed.
+    pub ciphertext: Vec<u8>,
+    /// Why the controller sealed nothing (`secret "db" not found`, `node
+    /// n1 has no sealing key: re-enrol it`); the agent reports it as the
+    /// pod's error.
+    pub problem: Option<String>,
+}
+
+impl SealedSecret {
+    /// An unsealed reference to the Secret `name`: what the controller's
+    /// pod templates hold until it seals one for a node.
+    pub fn unsealed(name: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            digest: [0; 32],
+            ephemeral_public: [0; 32],
+            nonce: [0; 12],
+            ciphertext: Vec::new(),
+            problem: None,
+        }
+    }
+}
+
+/// What a [`SealedSecret`] opens to: the files of a secret volume, or the
+/// `.dockerconfigjson` of an image pull secret.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SecretFiles {
+    /// The files, paths relative.
+    pub files: Vec<ConfigFile>,
+}
+
+impl Message for SecretFiles {
+    const MAX_BYTES: usize = 512 * 1024;
+    const NAME: &'static str = "secret files";
+}
+
+/// Bytes both HKDF's info and the AEAD's associated data: a sealed secret
+/// opens only for the node, Secret name and contents (by digest) it was
+/// sealed for.
+pub fn sealed_secret_context(node: &str, name: &str, digest: &[u8; 32]) -> Vec<u8> {
+    const CONTEXT: &[u8] = b"flotilla sealed secret v1\0";
+    let mut out = Vec::with_capacity(CONTEXT.len() + node.len() + name.len() + 34);
+    out.extend_from_slice(CONTEXT);
+    out.extend_from_slice(node.as_bytes());
+    out.push(0);
+    out.extend_from_slice(name.as_bytes());
+    out.push(0);
+    out.extend_from_slice(digest);
+    out
 }

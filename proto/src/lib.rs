@@ -7,6 +7,7 @@
 
 extern crate alloc;
 
+mod capabilities;
 mod codec;
 mod desired;
 mod names;
@@ -16,10 +17,12 @@ mod signed;
 mod status;
 mod topics;
 
+pub use capabilities::CAPABILITIES;
 pub use codec::{DecodeError, EncodeError, Message, WIRE_VERSION, decode, encode};
 pub use desired::{
     ConfigFile, ContainerSpec, DesiredState, EnvVar, PodSpec, Probe, ProbeAction, Resources,
-    RestartPolicy, Volume, VolumeMount, VolumeSource,
+    RestartPolicy, SealedSecret, SecretFiles, SecretItem, SecurityContext, Volume, VolumeMount,
+    VolumeSource, sealed_secret_context,
 };
 pub use names::{MAX_NAME, NameError, check_label_key, check_label_value, check_name};
 pub use presence::Presence;
@@ -27,6 +30,6 @@ pub use rpc::{LogCursor, LogsRequest, RpcCall, RpcRequest, RpcResponse, RpcResul
 pub use signed::{SIGNATURE_LEN, SIGNED_DESIRED_CONTEXT, Signature, SignedDesired};
 pub use status::{
     ContainerState, ContainerStatus, Label, NodeHealth, NodeInfo, NodeStatus, PodPhase, PodStatus,
-    PullProgress,
+    PrefetchState, PrefetchStatus, PullProgress,
 };
 pub use topics::{DEFAULT_PREFIX, TopicKind, Topics};

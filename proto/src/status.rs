@@ -29,6 +29,9 @@ pub struct NodeStatus {
     pub health: NodeHealth,
     /// Every pod on the node, desired or still being removed.
     pub pods: Vec<PodStatus>,
+    /// Each image of `DesiredState::prefetch`, in its order, and how far
+    /// its download is; empty when nothing is listed.
+    pub prefetch: Vec<PrefetchStatus>,
 }
 
 impl Message for NodeStatus {
@@ -124,6 +127,11 @@ pub struct ContainerStatus {
     pub ready: bool,
     /// Progress of the image download while the image is being pulled.
     pub pull: Option<PullProgress>,
+    /// While a changed container waits for its new image, the old one keeps
+    /// running (it is what `state`, `restarts` and `ready` describe): the new
+    /// one's state (`Pulling`, or why its image failed and when it is tried
+    /// again). `None` once the new one is started, or when nothing waits.
+    pub next: Option<ContainerState>,
 }
 
 /// How far an image download has come.
@@ -163,5 +171,38 @@ pub enum ContainerState {
         message: Option<String>,
         /// When it exited, in milliseconds since the Unix epoch (device clock).
         finished_at_ms: u64,
+    },
+}
+
+/// An image the desired state asks to have on the device ahead of a switch.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PrefetchStatus {
+    /// The reference, as listed in `DesiredState::prefetch`.
+    pub image: String,
+    /// How far it is.
+    pub state: PrefetchState,
+}
+
+/// How far a prefetched image is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PrefetchState {
+    /// Waiting for its turn: one image at a time, behind pods' own pulls.
+    Queued,
+    /// Being downloaded.
+    Pulling {
+        /// Bytes so far and in all (0 until known).
+        progress: PullProgress,
+    },
+    /// Present and unpacked: a pod naming it starts with no download.
+    Ready,
+    /// The last attempt failed; it is tried again at `retry_at_ms`.
+    Failed {
+        /// A short CamelCase reason (`ErrImagePull`, `InsufficientStorage`).
+        reason: String,
+        /// A sentence for people.
+        message: String,
+        /// When the next attempt is due, in milliseconds since the Unix
+        /// epoch (device clock).
+        retry_at_ms: u64,
     },
 }

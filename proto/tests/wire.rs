@@ -83,8 +83,11 @@ fn desired() -> DesiredState {
                     success_threshold: 1,
                     failure_threshold: 30,
                 }),
+                security_context: None,
             }],
+            image_pull_secrets: vec![],
         }],
+        prefetch: Vec::new(),
     }
 }
 
@@ -129,6 +132,11 @@ fn status() -> NodeStatus {
                     restarts: 1,
                     ready: true,
                     pull: None,
+                    next: Some(ContainerState::Waiting {
+                        reason: "ErrImagePull".into(),
+                        message: None,
+                        retry_at_ms: None,
+                    }),
                 },
                 ContainerStatus {
                     name: "side".into(),
@@ -141,6 +149,7 @@ fn status() -> NodeStatus {
                     restarts: 0,
                     ready: false,
                     pull: None,
+                    next: None,
                 },
                 ContainerStatus {
                     name: "init".into(),
@@ -155,9 +164,11 @@ fn status() -> NodeStatus {
                         done_bytes: 10,
                         total_bytes: 20,
                     }),
+                    next: None,
                 },
             ],
         }],
+        prefetch: Vec::new(),
     }
 }
 
@@ -200,9 +211,94 @@ fn hex(bytes: &[u8]) -> String {
 
 #[test]
 fn round_trips() {
-    let d = desired();
+    let mut d = desired();
     assert_eq!(decode::<DesiredState>(&encode(&d).unwrap()).unwrap(), d);
-    let s = status();
+    d.pods[0].containers[0].security_context = Some(SecurityContext {
+        privileged: false,
+        add_capabilities: vec!["NET_ADMIN".into()],
+        drop_capabilities: vec!["ALL".into()],
+        seccomp_unconfined: true,
+        read_only_root_filesystem: true,
+    });
+    assert_eq!(decode::<DesiredState>(&encode(&d).unwrap()).unwrap(), d);
+    let sealed = SealedSecret {
+        name: "db".into(),
+        digest: [1; 32],
+        ephemeral_public: [2; 32],
+        nonce: [3; 12],
+        ciphertext: vec![4; 40],
+        problem: None,
+    };
+    d.pods[0].volumes.push(Volume {
+        name: "creds".into(),
+        source: VolumeSource::Secret {
+            items: vec![SecretItem {
+                key: "password".into(),
+                path: "pw".into(),
+                mode: Some(0o400),
+            }],
+            default_mode: 0o644,
+            sealed: sealed.clone(),
+        },
+    });
+    d.pods[0].image_pull_secrets = vec![
+        SealedSecret {
+            name: "regcred".into(),
+            ..sealed
+        },
+        SealedSecret {
+            problem: Some("secret \"x\" not found".into()),
+            ..SealedSecret::unsealed("x")
+        },
+    ];
+    assert_eq!(decode::<DesiredState>(&encode(&d).unwrap()).unwrap(), d);
+    let files = SecretFiles {
+        files: vec![ConfigFile {
+            path: "pw".into(),
+            data: b"hunter2".to_vec(),
+            mode: 0o400,
+        }],
+    };
+    assert_eq!(
+        decode::<SecretFiles>(&encode(&files).unwrap()).unwrap(),
+        files
+    );
+    // The sealing context binds node, Secret and digest, unambiguously.
+    assert_ne!(
+        sealed_secret_context("ab", "c", &[0; 32]),
+        sealed_secret_context("a", "bc", &[0; 32])
+    );
+    d.prefetch = vec!["registry.local:5000/app:2".into(), "oci:/img:2".into()];
+    assert_eq!(decode::<DesiredState>(&encode(&d).unwrap()).unwrap(), d);
+    let mut s = status();
+    assert_eq!(decode::<NodeStatus>(&encode(&s).unwrap()).unwrap(), s);
+    s.prefetch = vec![
+        PrefetchStatus {
+            image: "a:1".into(),
+            state: PrefetchState::Queued,
+        },
+        PrefetchStatus {
+            image: "a:2".into(),
+            state: PrefetchState::Pulling {
+                progress: PullProgress {
+                    done_bytes: 5,
+                    total_bytes: 9,
+                },
+            },
+        },
+        PrefetchStatus {
+            image: "a:3".into(),
+            state: PrefetchState::Ready,
+        },
+        PrefetchStatus {
+            image: "a:4".into(),
+            state: PrefetchState::Failed {
+                reason: "ErrImagePull".into(),
+                message: "down".into(),
+                retry_at_ms: 7,
+            },
+        },
+    ];
     assert_eq!(decode::<NodeStatus>(&encode(&s).unwrap()).unwrap(), s);
     for p in [
         Presence::Online {
@@ -234,15 +330,15 @@ fn golden_bytes() {
          636f6e66020106612e636f6e6603783d31a40301046d61696e0a6f63693a2f696d673a31\
          0102736802022d630474727565010141016201012f01f4030180804001400104636f6e66\
          082f6574632f617070010102903f082f6865616c74687a010a0101030101903f00050102\
-         010100010474727565000101011e"
+         010100010474727565000101011e000000"
     );
     assert_eq!(
         hex(&encode(&status()).unwrap()),
         "010470692d31edfd030307000561726d3634056c696e757805302e312e30010473697465\
          0573686f70310480808080040462303074808080800280808080208080808040fa01901c\
-         01037765620377656207010003046d61696e0180d095ffbc310101000473696465029202\
-         094f4f4d4b696c6c6564000500000004696e6974000750756c6c696e6701017801070000\
-         010a14"
+         01037765620377656207010003046d61696e0180d095ffbc3101010001000c457272496d\
+         61676550756c6c00000473696465029202094f4f4d4b696c6c656400050000000004696e\
+         6974000750756c6c696e6701017801070000010a140000"
     );
     let (request, logs, _) = rpc();
     assert_eq!(

@@ -4,7 +4,8 @@
 //! registry's `silly` auth with [`TokenServer`] as the realm). Images are
 //! pushed from OCI layouts with `skopeo copy --preserve-digests`, so what
 //! the registry serves is byte for byte what the test wrote. [`CutProxy`]
-//! is a TCP proxy that drops a connection after a number of bytes.
+//! is a TCP proxy that drops a connection after a number of bytes, or
+//! throttles what it sends back.
 //!
 //! Everything listens on 127.0.0.1 only, and stops when dropped.
 
@@ -399,12 +400,14 @@ fn read_head(conn: &mut TcpStream) -> String {
 /// A TCP proxy on a free loopback port to `upstream` that drops the
 /// connection carrying byte number `cut_after` (counted over everything sent
 /// back to clients), once; later connections pass untouched. It records the
-/// request heads it forwards and the bytes it sent back.
+/// request heads it forwards and the bytes it sent back, and sends at most
+/// [`CutProxy::set_rate`] bytes a second when one is set.
 #[derive(Debug)]
 pub struct CutProxy {
     port: u16,
     stop: Arc<AtomicBool>,
     sent: Arc<AtomicU64>,
+    rate: Arc<AtomicU64>,
     requests: Arc<Mutex<Vec<String>>>,
     thread: Option<thread::JoinHandle<()>>,
 }
@@ -417,10 +420,12 @@ impl CutProxy {
         let port = listener.local_addr()?.port();
         let stop = Arc::new(AtomicBool::new(false));
         let sent = Arc::new(AtomicU64::new(0));
+        let rate = Arc::new(AtomicU64::new(0));
         let cut_done = Arc::new(AtomicBool::new(false));
         let requests = Arc::new(Mutex::new(Vec::new()));
         let thread = {
-            let (stop, sent, requests) = (stop.clone(), sent.clone(), requests.clone());
+            let (stop, sent, requests, rate) =
+                (stop.clone(), sent.clone(), requests.clone(), rate.clone());
             thread::spawn(move || {
                 while !stop.load(Ordering::Relaxed) {
                     let Ok((client, _)) = listener.accept() else {
@@ -453,12 +458,16 @@ impl CutProxy {
                         }
                         let _ = to.shutdown(Shutdown::Write);
                     });
-                    let (sent, cut_done) = (sent.clone(), cut_done.clone());
-                    // Server → client, counting and maybe cutting.
+                    let (sent, cut_done, rate) = (sent.clone(), cut_done.clone(), rate.clone());
+                    // Server → client, counting and maybe cutting or throttling.
                     thread::spawn(move || {
                         let (mut from, mut to) = (server, client);
-                        let mut buf = vec![0u8; 16 * 1024];
+                        let mut buf = vec![0u8; 8 * 1024];
                         while let Ok(n) = from.read(&mut buf) {
+                            let limit = rate.load(Ordering::Relaxed);
+                            if limit > 0 && n > 0 {
+                                thread::sleep(Duration::from_secs_f64(n as f64 / limit as f64));
+                            }
                             if n == 0 {
                                 break;
                             }
@@ -489,6 +498,7 @@ impl CutProxy {
             port,
             stop,
             sent,
+            rate,
             requests,
             thread: Some(thread),
         })
@@ -497,6 +507,19 @@ impl CutProxy {
     /// `127.0.0.1:PORT`.
     pub fn host(&self) -> String {
         format!("127.0.0.1:{}", self.port)
+    }
+
+    /// A proxy that never cuts, sending at most `bytes_per_sec` back.
+    pub fn throttled(upstream: SocketAddr, bytes_per_sec: u64) -> Result<Self> {
+        let proxy = Self::start(upstream, u64::MAX)?;
+        proxy.set_rate(bytes_per_sec);
+        Ok(proxy)
+    }
+
+    /// Sends at most `bytes_per_sec` back to clients from now on; 0 lifts
+    /// the limit.
+    pub fn set_rate(&self, bytes_per_sec: u64) {
+        self.rate.store(bytes_per_sec, Ordering::Relaxed);
     }
 
     /// Bytes sent back to clients so far.

@@ -1,248 +1,48 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-//! The proof on ARM: an emulated aarch64 machine (qemu-system-aarch64, TCG,
-//! `virt` board, Cortex-A72) boots Debian's arm64 kernel with pure cgroup v2
-//! and an initramfs built here, holding only busybox, the kernel modules it
-//! needs, an arm64 busybox image and the cross-built static agent. The agent
-//! connects to a controller on this host, runs a real container with its
-//! limits in force — memory.max, cpu.max and pids.max read back inside the
-//! machine, and a second container over its memory limit is OOM-killed — and
-//! both are reported back through `flotilla get pods`.
+//! The proof on ARM: the emulated aarch64 machine of
+//! `flotilla_testkit::machine` (qemu-system-aarch64, TCG, Debian's arm64
+//! kernel with pure cgroup v2, an initramfs built here) runs the cross-built
+//! static agent, which connects to a controller on this host and runs a real
+//! container with its limits in force — memory.max, cpu.max and pids.max
+//! read back inside the machine, a block device refused by the agent's
+//! device program (cgroup v2 has no devices controller), and a second
+//! container over its memory limit OOM-killed — and both are reported back
+//! through `flotilla get pods`.
 //!
 //! qemu-user cannot do this (its clone refuses CLONE_PARENT): cross_smoke.rs
 //! is the quick check. The boot itself takes about 2 s here (TCG, two
-//! threads), so this runs with the suite. The kernel and busybox packages
-//! are fetched once with `apt-get download` (arm64, into target/cross/arm,
-//! never installed). The machine's network is qemu's user-mode one, with no
-//! default route: it reaches only the host's loopback, through 10.0.2.2.
+//! threads), so this runs with the suite.
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
-use flotilla_testkit::oci::{ImageBuilder, Platform};
+use flotilla_testkit::machine::{self, Guest, Kit};
 
 /// Boot under TCG is ~20 s; the first container also waits for the unpack.
 const T: Duration = Duration::from_secs(240);
-/// Loaded in this order (virtio_net needs net_failover needs failover).
-const MODULES: &[&str] = &[
-    "drivers/virtio/virtio_mmio.ko",
-    "net/core/failover.ko",
-    "drivers/net/net_failover.ko",
-    "drivers/net/virtio_net.ko",
-    "fs/overlayfs/overlay.ko",
-];
-const APPLETS: &[&str] = &["sh", "sleep", "cat", "echo", "true"];
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
+/// The limited container's script: makes a block device node and opens it
+/// and `/dev/null` with `dd count=0`, which moves no byte (the open is what
+/// the device program decides), then says `up` and sleeps.
+const DEVICE_PROBE: &str = "mknod /dev/blk b 8 0 && echo mknod ok; \
+     dd if=/dev/blk of=/dev/null count=0 2>&1; echo \"block rc=$?\"; \
+     dd if=/dev/null of=/dev/null count=0 2>&1 && echo null ok; echo up; exec sleep 3600";
 
-fn cross_dir() -> PathBuf {
-    std::env::var_os("FLOTILLA_CROSS_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo().join("target/cross"))
-}
-
-fn run(what: &str, cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{what}: {e}"));
-    assert!(
-        out.status.success(),
-        "{what} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// `cross/build --agent-only aarch64`; the static agent it built.
-fn cross_agent() -> PathBuf {
-    run(
-        "cross/build --agent-only aarch64",
-        Command::new(repo().join("cross/build")).args(["--agent-only", "aarch64"]),
-    );
-    cross_dir().join("dist/aarch64-unknown-linux-musl/flotilla-agent")
-}
-
-/// Debian's arm64 kernel (its `Image`, modules) and static busybox, unpacked
-/// under `{cross}/arm`; downloaded only the first time.
-struct Kit {
-    kernel: PathBuf,
-    modules: PathBuf,
-    busybox: PathBuf,
-}
-
-fn kit() -> Kit {
-    let base = cross_dir().join("arm");
-    let unpacked = base.join("unpacked");
-    let find = || -> Option<Kit> {
-        let boot = std::fs::read_dir(unpacked.join("boot")).ok()?;
-        let kernel = boot
-            .flatten()
-            .map(|e| e.path())
-            .find(|p| p.to_string_lossy().contains("/vmlinuz-"))?;
-        let release = kernel
-            .file_name()?
-            .to_str()?
-            .strip_prefix("vmlinuz-")?
-            .to_owned();
-        let modules = unpacked.join("lib/modules").join(release).join("kernel");
-        let busybox = unpacked.join("bin/busybox");
-        (modules.is_dir() && busybox.is_file()).then_some(Kit {
-            kernel,
-            modules,
-            busybox,
-        })
-    };
-    if let Some(kit) = find() {
-        return kit;
-    }
-    // A private apt state for arm64: the host's sources, nothing installed.
-    let apt = base.join("apt");
-    for d in ["lists/partial", "cache/archives/partial", "sources"] {
-        std::fs::create_dir_all(apt.join(d)).unwrap();
-    }
-    for entry in std::fs::read_dir("/etc/apt/sources.list.d")
-        .unwrap()
-        .flatten()
-    {
-        let name = entry.file_name();
-        if name.to_str().unwrap().ends_with(".sources") {
-            std::fs::copy(entry.path(), apt.join("sources").join(name)).unwrap();
-        }
-    }
-    if Path::new("/etc/apt/sources.list").exists() {
-        std::fs::copy("/etc/apt/sources.list", apt.join("sources/host.list")).unwrap();
-    }
-    let opts = |cmd: &mut Command| {
-        for (k, v) in [
-            ("Dir::Etc::SourceList", "/dev/null".into()),
-            ("Dir::Etc::SourceParts", apt.join("sources")),
-            ("Dir::State::Lists", apt.join("lists")),
-            ("Dir::Cache", apt.join("cache")),
-            ("Dir::State::status", "/dev/null".into()),
-            ("APT::Architecture", "arm64".into()),
-            ("APT::Architectures::", "arm64".into()),
-            ("APT::Sandbox::User", "root".into()),
-        ] {
-            cmd.arg("-o").arg(format!("{k}={}", v.display()));
-        }
-    };
-    let mut update = Command::new("apt-get");
-    opts(&mut update);
-    run("apt-get update (arm64)", update.args(["-qq", "update"]));
-    let mut depends = Command::new("apt-cache");
-    opts(&mut depends);
-    let deps = run(
-        "apt-cache depends",
-        depends.args(["depends", "linux-image-arm64"]),
-    );
-    let kernel_pkg = deps
-        .lines()
-        .filter_map(|l| l.trim().strip_prefix("Depends: "))
-        .find(|p| p.starts_with("linux-image-"))
-        .unwrap_or_else(|| panic!("no kernel package in: {deps}"))
-        .to_owned();
-    let debs = base.join("debs");
-    std::fs::create_dir_all(&debs).unwrap();
-    let mut download = Command::new("apt-get");
-    opts(&mut download);
-    run(
-        "apt-get download",
-        download
-            .current_dir(&debs)
-            .args(["-qq", "download", &kernel_pkg, "busybox-static"]),
-    );
-    let _ = std::fs::remove_dir_all(&unpacked);
-    for deb in std::fs::read_dir(&debs).unwrap().flatten() {
-        run(
-            "dpkg-deb -x",
-            Command::new("dpkg-deb")
-                .arg("-x")
-                .arg(deb.path())
-                .arg(&unpacked),
-        );
-    }
-    find().expect("the kernel, its modules and busybox after unpacking")
-}
-
-/// The machine's PID 1: a tmpfs root, mounts, cgroup v2 with cpu, memory and pids for
-/// children, modules, network (host only), then the agent, and every two
-/// seconds one line per container cgroup with its limits and processes.
-fn init_script(node: &str, broker_port: u16) -> String {
-    let modules: Vec<String> = MODULES
-        .iter()
-        .map(|m| {
-            format!(
-                "/modules/{}",
-                Path::new(m).file_name().unwrap().to_str().unwrap()
-            )
-        })
-        .collect();
+/// Every two seconds, one console line per container cgroup with its limits
+/// and processes.
+fn print_cgroups(node: &str) -> String {
     format!(
-        r#"#!/bin/busybox sh
-# pivot_root (which every container start does) refuses the initramfs'
-# rootfs as the old root: move into a tmpfs first.
-if [ ! -e /.in-tmpfs ]; then
-  /bin/busybox mkdir -p /newroot
-  /bin/busybox mount -t tmpfs -o size=768m root /newroot
-  for f in /*; do
-    case $f in /newroot|/proc|/sys|/dev) ;; *) /bin/busybox cp -a $f /newroot/ ;; esac
-  done
-  /bin/busybox mkdir -p /newroot/proc /newroot/sys /newroot/dev
-  /bin/busybox touch /newroot/.in-tmpfs
-  exec /bin/busybox switch_root /newroot /init
-fi
-/bin/busybox --install -s /bin
-export PATH=/bin
-mount -t proc proc /proc
-mount -t sysfs sys /sys
-mount -t devtmpfs dev /dev
-mkdir -p /dev/pts /dev/shm
-mount -t devpts devpts /dev/pts
-mount -t tmpfs shm /dev/shm
-mount -t tmpfs tmp /tmp
-mount -t tmpfs run /run
-mount -t tmpfs data /var/lib/flotilla-agent
-mount -t cgroup2 cgroup2 /sys/fs/cgroup
-echo '+cpu +memory +pids' > /sys/fs/cgroup/cgroup.subtree_control
-for m in {modules}; do insmod $m || echo "FLOTILLA-VM: insmod $m failed"; done
-hostname {node}
-ip link set lo up
-ip link set eth0 up
-ip addr add 10.0.2.15/24 dev eth0
-echo "FLOTILLA-VM-READY $(uname -m) $(cat /sys/fs/cgroup/cgroup.controllers)"
-FLOTILLA_LOG=info /flotilla-agent --broker mqtt://10.0.2.2:{broker_port} --node {node} \
-  --label board=qemu-virt --data-dir /var/lib/flotilla-agent --controller-key /etc/controller.pub \
-  > /dev/console 2>&1 &
-while true; do
+        r#"while true; do
   sleep 2
   for d in /sys/fs/cgroup/flotilla/{node}/*/; do
     [ -f "$d/memory.max" ] || continue
     echo "FLOTILLA-CGROUP $(basename $d) memory.max=$(cat $d/memory.max) cpu.max=$(cat $d/cpu.max | tr ' ' /) pids.max=$(cat $d/pids.max) swap.max=$(cat $d/memory.swap.max 2>/dev/null || echo absent) procs=$(wc -l < $d/cgroup.procs)"
   done
-done
-"#,
-        modules = modules.join(" "),
+done"#
     )
-}
-
-/// A gzip'd newc cpio of `staging`, owned by root.
-fn pack_initramfs(staging: &Path, out: &Path) {
-    run(
-        "cpio | gzip",
-        Command::new("sh").arg("-c").arg(format!(
-            "cd '{}' && find . | cpio -o -H newc -R 0:0 --quiet | gzip -1 > '{}'",
-            staging.display(),
-            out.display()
-        )),
-    );
 }
 
 fn workload(name: &str, limits: &str, policy: &str, script: &str) -> String {
@@ -258,103 +58,27 @@ fn workload(name: &str, limits: &str, policy: &str, script: &str) -> String {
 fn emulated_aarch64_machine_runs_a_limited_container_for_the_controller() {
     let started = Instant::now();
     let dir = tempfile::tempdir().unwrap();
-    let agent_bin = cross_agent();
-    let kit = kit();
+    let agent_bin = machine::cross_agent().unwrap();
+    let kit = Kit::fetch().unwrap();
     let prepared = started.elapsed();
 
     let controller = Controller::start(dir.path(), Broker::Embedded(free_port()));
     let node = unique_node("emu-arm64");
-
-    // The initramfs: busybox, modules, the agent, an arm64 busybox image.
-    let staging = dir.path().join("initramfs");
-    for d in [
-        "bin",
-        "proc",
-        "sys",
-        "dev",
-        "tmp",
-        "run",
-        "modules",
-        "images",
-        "var/lib/flotilla-agent",
-        "etc",
-    ] {
-        std::fs::create_dir_all(staging.join(d)).unwrap();
-    }
-    std::fs::copy(&kit.busybox, staging.join("bin/busybox")).unwrap();
-    std::fs::copy(&agent_bin, staging.join("flotilla-agent")).unwrap();
-    // The agent checks desired state against the controller's pinned key.
-    std::fs::copy(
-        dir.path().join("controller/signing.pub"),
-        staging.join("etc/controller.pub"),
-    )
-    .unwrap();
-    for m in MODULES {
-        let name = Path::new(m).file_name().unwrap();
-        std::fs::copy(kit.modules.join(m), staging.join("modules").join(name)).unwrap();
-    }
-    let init = staging.join("init");
-    std::fs::write(&init, init_script(&node, controller.mqtt_port)).unwrap();
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&init, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let mut image = ImageBuilder::new()
-        .dir("bin", 0o755)
-        .dir("etc", 0o755)
-        .dir("tmp", 0o1777)
-        .dir("proc", 0o555)
-        .dir("sys", 0o555)
-        .dir("dev", 0o755)
-        .host_file("bin/busybox", &kit.busybox, 0o755)
-        .file("etc/passwd", "root:x:0:0:root:/root:/bin/sh\n", 0o644)
-        .file("etc/group", "root:x:0:\n", 0o644);
-    for applet in APPLETS {
-        image = image.symlink(&format!("bin/{applet}"), "busybox");
-    }
-    image
-        .env(&["PATH=/bin"])
-        .platform(Platform::linux("arm64", None))
-        .write_layout(&staging.join("images/busybox"), "latest")
+    let guest = Guest {
+        node: node.clone(),
+        broker_port: controller.mqtt_port,
+        then: print_cgroups(&node),
+    };
+    let initrd = guest
+        .initramfs(
+            &kit,
+            &agent_bin,
+            &dir.path().join("controller/signing.pub"),
+            dir.path(),
+        )
         .unwrap();
-    let initrd = dir.path().join("initrd.gz");
-    pack_initramfs(&staging, &initrd);
-
     let console = dir.path().join("console.log");
-    let mut qemu = Command::new("qemu-system-aarch64");
-    qemu.args([
-        "-M",
-        "virt",
-        "-cpu",
-        "cortex-a72",
-        "-smp",
-        "2",
-        "-m",
-        "1024",
-    ])
-    .args([
-        "-accel",
-        "tcg,thread=multi",
-        "-display",
-        "none",
-        "-monitor",
-        "none",
-    ])
-    .args(["-no-reboot", "-kernel"])
-    .arg(&kit.kernel)
-    .arg("-initrd")
-    .arg(&initrd)
-    .args([
-        "-append",
-        "console=ttyAMA0 rdinit=/init panic=-1 cgroup_no_v1=all loglevel=4",
-    ])
-    .args([
-        "-netdev",
-        "user,id=n0",
-        "-device",
-        "virtio-net-device,netdev=n0",
-    ])
-    .arg("-serial")
-    .arg(format!("file:{}", console.display()))
-    .stdin(Stdio::null());
+    let mut qemu = machine::qemu(&kit, &initrd, &console);
     let boot = Instant::now();
     let vm = Proc::spawn(&mut qemu, dir.path().join("qemu.log"));
     let logs = [
@@ -397,7 +121,7 @@ fn emulated_aarch64_machine_runs_a_limited_container_for_the_controller() {
                 "limited",
                 "{cpu: 250m, memory: 32Mi, pids: 20}",
                 "Always",
-                "echo up; exec sleep 3600"
+                DEVICE_PROBE
             ),
             workload(
                 "hog",
@@ -419,6 +143,21 @@ fn emulated_aarch64_machine_runs_a_limited_container_for_the_controller() {
         (p["phase"] == "Running" && p["containers"][0]["state"] == "Running").then_some(())
     });
     let running = applied.elapsed();
+    // cgroup v2 has no devices controller: the agent's own BPF program
+    // refuses the block device (without it: ENXIO, or the device opens).
+    let log = wait_for("the limited container's device probe", T, &logs, || {
+        let out = controller.cli(&["logs", &format!("limited@{node}")]);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        text.lines().any(|l| l == "up").then_some(text)
+    });
+    for want in [
+        "mknod ok",
+        "can't open '/dev/blk': Operation not permitted",
+        "block rc=1",
+        "null ok",
+    ] {
+        assert!(log.contains(want), "{want:?} missing: {log}");
+    }
     // Inside the machine: the container's own cgroup, its limits, its process.
     // libcontainer leaves swap unlimited when it equals the memory limit;
     // the runtime closes it on cgroup v2. The machine prints the cgroup

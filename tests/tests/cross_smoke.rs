@@ -17,35 +17,12 @@ use std::time::Duration;
 use common::*;
 
 const T: Duration = Duration::from_secs(120);
-const AARCH64: &str = "aarch64-unknown-linux-musl";
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .unwrap()
         .to_path_buf()
-}
-
-/// Runs `cross/build --agent-only aarch64` (a no-op when nothing changed)
-/// and returns the agent it built.
-pub fn cross_agent(log_dir: &Path) -> PathBuf {
-    let log = log_dir.join("cross-build.log");
-    let out = std::fs::File::create(&log).unwrap();
-    let status = Command::new(repo().join("cross/build"))
-        .args(["--agent-only", "aarch64"])
-        .stdout(out.try_clone().unwrap())
-        .stderr(out)
-        .status()
-        .unwrap();
-    assert!(
-        status.success(),
-        "cross/build failed:\n{}",
-        std::fs::read_to_string(&log).unwrap_or_default()
-    );
-    let dir = std::env::var_os("FLOTILLA_CROSS_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo().join("target/cross"));
-    dir.join("dist").join(AARCH64).join("flotilla-agent")
 }
 
 /// What an ELF file's header says: machine, and whether it asks for a
@@ -69,7 +46,7 @@ fn elf_facts(bytes: &[u8]) -> (u16, bool) {
 #[test]
 fn aarch64_agent_runs_under_qemu_user_and_reports_to_a_controller() {
     let dir = tempfile::tempdir().unwrap();
-    let agent_bin = cross_agent(dir.path());
+    let agent_bin = flotilla_testkit::machine::cross_agent().unwrap();
 
     let bytes = std::fs::read(&agent_bin).unwrap();
     let (machine, dynamic) = elf_facts(&bytes);
@@ -169,8 +146,30 @@ fn install_script_puts_binary_unit_and_settings_in_place() {
     let out = install(&root, &["agent", "--bin", agent], None);
     assert!(!out.status.success());
     assert!(
-        String::from_utf8_lossy(&out.stderr).contains("give --broker"),
+        String::from_utf8_lossy(&out.stderr).contains("give --join (and --token) or --broker"),
         "{out:?}"
+    );
+    // A device enrolled with a certificate learns its broker at join.
+    let joining = dir.path().join("joining");
+    let out = install(
+        &joining,
+        &[
+            "agent",
+            "--bin",
+            agent,
+            "--join",
+            "https://controller.local:7470",
+            "--token",
+            "flt_x",
+        ],
+        None,
+    );
+    assert!(out.status.success(), "{out:?}");
+    let env = std::fs::read_to_string(joining.join("etc/flotilla/agent.env")).unwrap();
+    assert!(!env.contains("FLOTILLA_BROKER"), "{env}");
+    assert!(
+        env.lines().any(|l| l.starts_with("FLOTILLA_NODE=")),
+        "{env}"
     );
 
     let out = install(
@@ -252,11 +251,18 @@ fn install_script_puts_binary_unit_and_settings_in_place() {
         "{unit}"
     );
     let env = std::fs::read_to_string(root.join("etc/flotilla/controller.env")).unwrap();
-    assert!(
-        env.lines()
-            .any(|l| l == "FLOTILLA_MQTT_LISTEN=0.0.0.0:1883"),
-        "{env}"
-    );
+    // Devices reach MQTT over TLS and the API (join, renewal) by default; the
+    // plain listener only where asked.
+    for line in [
+        "FLOTILLA_MQTT_LISTEN=0.0.0.0:1883",
+        "FLOTILLA_MQTTS_LISTEN=0.0.0.0:8883",
+        "FLOTILLA_API_LISTEN=0.0.0.0:7470",
+    ] {
+        assert!(
+            env.lines().any(|l| l == line),
+            "{line} missing from:\n{env}"
+        );
+    }
 
     // systemd accepts both units, pointed at binaries that exist here.
     for (unit, bin) in [

@@ -239,9 +239,9 @@ fn logs_are_rotated_and_fetched_with_tail_container_and_follow() {
     // -f prints what the container writes after it started following.
     let follow_out = d.join("follow.out");
     let mut follow = Proc::spawn(
-        Command::new(bin("flotilla"))
-            .args(["logs", "-f", "--tail", "1", &two_pod, "-c", "a"])
-            .env("FLOTILLA_SERVER", &controller.api),
+        controller
+            .cli_command()
+            .args(["logs", "-f", "--tail", "1", &two_pod, "-c", "a"]),
         follow_out.clone(),
     );
     let first = wait_for("logs -f to print a line", T, logs, || {
@@ -402,9 +402,9 @@ fn missed_keepalives_make_a_node_not_ready_and_a_silent_agent_times_out() {
     let pid = nix::unistd::Pid::from_raw(agent.child.id() as i32);
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
     let stopped = Instant::now();
-    let silent = Command::new(bin("flotilla"))
+    let silent = controller
+        .cli_command()
         .args(["logs", &pod])
-        .env("FLOTILLA_SERVER", &controller.api)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -452,13 +452,11 @@ fn a_node_not_heard_from_for_the_node_timeout_is_not_ready_until_it_speaks() {
         .args(["--node-timeout", "3s", "--allow-anonymous"])
         .env("FLOTILLA_LOG", "debug,rmqtt=warn,rmqtt_net=warn,redb=warn");
     let controller_proc = Proc::spawn(&mut cmd, d.join("controller.log"));
-    let api = format!("http://127.0.0.1:{api_port}");
+    let api = format!("https://127.0.0.1:{api_port}");
     let cli = |args: &[&str]| {
-        Command::new(bin("flotilla"))
-            .args(args)
-            .env("FLOTILLA_SERVER", &api)
-            .output()
-            .unwrap()
+        let mut cmd = Command::new(bin("flotilla"));
+        api_env(&mut cmd, &api, &d.join("controller"));
+        cmd.args(args).output().unwrap()
     };
     // The agent pins the controller's key, written before the API answers.
     wait_for(

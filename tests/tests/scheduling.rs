@@ -5,7 +5,8 @@
 //! spread across sites and stay put when a node joins, `everyNode` follows
 //! the fleet, labels set with `flotilla label node` select nodes, a workload
 //! that fits nowhere says why in `describe`, and a replica leaves a node
-//! that stays NotReady past its toleration. Revisions survive a restart and
+//! that stays NotReady past its toleration, counted from when it went away
+//! even across a controller restart. Revisions survive a restart and
 //! `rollout undo` brings pods back. Staged rollouts go in waves, pause,
 //! resume after a controller is killed mid-rollout and let an offline node
 //! catch up; a bad revision (a container exiting 1 on a real agent, then a
@@ -256,6 +257,70 @@ fn replicas_spread_stay_put_follow_labels_and_leave_lost_nodes() {
     );
 
     controller.delete_and_wait_gone(&["web", "all"], &b1, &logs);
+}
+
+#[test]
+fn the_not_ready_clock_survives_a_controller_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let mqtt_port = free_port();
+    let controller = Controller::start(d, Broker::Embedded(mqtt_port));
+    let api_port = controller.api_port();
+    let (n1, n2) = (unique_node("clk"), unique_node("clk"));
+    let mut agents: BTreeMap<String, Proc> = [&n1, &n2]
+        .into_iter()
+        .map(|n| {
+            let agent = fake_agent(d, n, &controller.broker_url(), &["site=a"]);
+            (n.clone(), agent)
+        })
+        .collect();
+    let first_log = controller.proc.log.clone();
+    let logs = [first_log.as_path()];
+    applied(controller.apply(
+        d,
+        &workload(
+            "solo",
+            "oci:/img:1",
+            "  replicas: 1\n  nodeSelector: {site: a}\n  tolerationSeconds: 4",
+        ),
+    ));
+    let placed = wait_for("solo placed", T, &logs, || {
+        running(&controller, "solo").filter(|m| m.len() == 1)
+    });
+    let (on, _) = placed.into_iter().next().unwrap();
+    let other = if on == n1 { &n2 } else { &n1 };
+
+    // The node goes away; the controller is killed and started again
+    // before the toleration has passed.
+    agents.get_mut(&on).unwrap().stop();
+    let since = wait_for("the node NotReady", T, &logs, || {
+        let v = controller.try_json(&["get", "nodes", &on, "-o", "json"])?;
+        (v["status"] == "NotReady").then(|| v["notReadySinceMs"].as_u64())?
+    });
+    let mut controller = controller;
+    controller.proc.kill();
+    let controller = Controller::start_on(d, Broker::Embedded(mqtt_port), api_port);
+    let logs = [first_log.as_path(), controller.proc.log.as_path()];
+    // The node is NotReady from the store (the embedded broker restarted
+    // with the controller and lost the retained Offline presence): the
+    // clock goes on from the instant before the restart, not from now.
+    let again = wait_for("the node NotReady again", T, &logs, || {
+        let v = controller.try_json(&["get", "nodes", &on, "-o", "json"])?;
+        (v["status"] == "NotReady").then(|| v["notReadySinceMs"].as_u64())?
+    });
+    assert_eq!(again, since, "NotReady since the same instant");
+    let moved = wait_for("solo moved", T, &logs, || {
+        running(&controller, "solo").filter(|m| m.contains_key(other.as_str()))
+    });
+    assert_eq!(moved.len(), 1);
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    assert!(
+        now_ms >= since + 4000,
+        "the replica waited out its toleration from {since}, now {now_ms}"
+    );
 }
 
 #[test]

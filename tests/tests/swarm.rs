@@ -2,7 +2,8 @@
 
 //! The simulated fleet on a small scale, so the path cannot rot: 200 real
 //! agent state machines (fake runtime) against a real `flotilla serve`
-//! converge on two applies and all come back after a broker restart. It
+//! converge on two applies, a workload for one site is published to that
+//! site's nodes only, and all come back after a broker restart. It
 //! asserts correctness, not timings; the figures are for `bench/swarm`.
 
 mod common;
@@ -32,6 +33,15 @@ fn swarm(broker: &str) {
         "{stdout}"
     );
     assert!(stdout.contains("apply round 2: all 200 nodes"), "{stdout}");
+    // Only the nodes whose desired state changed are published to: a
+    // workload for one site of 50 reaches its 4 nodes, once each.
+    assert!(
+        stdout.contains(
+            "targeted apply (a workload for site shop0): 4 desired states published, \
+             one to each of its 4 nodes, none to the others"
+        ),
+        "{stdout}"
+    );
     assert!(
         stdout.contains("broker restart: all 200 agents reconnected"),
         "{stdout}"

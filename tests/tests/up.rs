@@ -34,11 +34,16 @@ fn up_runs_a_local_cluster() {
         .env("FLOTILLA_LOG", "debug,rmqtt=warn");
     let mut up = Proc::spawn(&mut cmd, dir.path().join("up.log"));
     let logs = [up.log.as_path()];
-    let server = format!("http://127.0.0.1:{api_port}");
+    let server = format!("https://127.0.0.1:{api_port}");
+    // As on a machine after `scripts/up`: the CLI finds the admin token and
+    // the CA in the data dir by itself.
     let cli = |args: &[&str]| {
         Command::new(bin("flotilla"))
             .args(args)
             .env("FLOTILLA_SERVER", &server)
+            .env("FLOTILLA_DATA_DIR", dir.path().join("data"))
+            .env_remove("FLOTILLA_TOKEN")
+            .env_remove("FLOTILLA_CA")
             .output()
             .unwrap()
     };

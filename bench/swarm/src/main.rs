@@ -259,6 +259,20 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         }
     }
 
+    // After the rounds: what the applies and the fleet-wide status bursts
+    // left behind (allocator high-water marks included).
+    let after_rounds = rss_bytes(cluster.controller.pid())?;
+    report.line(format!(
+        "- controller RSS after the rounds: {:.1} MiB: {:.1} KiB per node",
+        mib(after_rounds),
+        after_rounds.saturating_sub(idle_controller) as f64 / n / 1024.0
+    ));
+
+    match targeted(&cluster.api, &watch, timeout).await? {
+        Ok(line) => report.line(line),
+        Err(why) => report.fail(why),
+    }
+
     if !args.no_restart {
         let t0 = Instant::now();
         tokio::task::block_in_place(|| cluster.restart_broker())?;
@@ -343,6 +357,7 @@ async fn wait(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
 
 fn get_json(url: &str) -> anyhow::Result<serde_json::Value> {
     let mut response = ureq::get(url)
+        .header("authorization", procs::bearer())
         .call()
         .with_context(|| format!("GET {url}"))?;
     let text = response
@@ -396,7 +411,10 @@ async fn converge(
     let url = format!("{api}/v1/apply");
     let t0 = Instant::now();
     tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
-        let mut r = ureq::post(&url).send(manifest).context("POST /v1/apply")?;
+        let mut r = ureq::post(&url)
+            .header("authorization", procs::bearer())
+            .send(manifest)
+            .context("POST /v1/apply")?;
         let status = r.status();
         let body = r.body_mut().read_to_string().unwrap_or_default();
         anyhow::ensure!(status.is_success(), "apply answered {status}: {body}");
@@ -474,6 +492,85 @@ async fn converge(
         max: pct(1.0),
         api_max_ms: api_worst.as_secs_f64() * 1000.0,
     }))
+}
+
+/// Applies a workload for one site (`site=shop0`) and counts the desired
+/// states published: each of that site's nodes must get exactly one, once
+/// their statuses are back (ingesting them republishes nothing), and no
+/// other node any. `Err`: what went wrong.
+async fn targeted(
+    api: &str,
+    watch: &Watch,
+    timeout: Duration,
+) -> anyhow::Result<Result<String, String>> {
+    let manifest = "apiVersion: flotilla.dev/v1\nkind: Workload\nmetadata: {name: swarm-site0}\nspec:\n  \
+                    nodeSelector: {site: shop0}\n  containers:\n  - name: main\n    image: oci:/swarm/site:1\n    \
+                    command: [serve]\n";
+    let before = watch.published();
+    let url = format!("{api}/v1/apply");
+    tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+        let mut r = ureq::post(&url)
+            .header("authorization", procs::bearer())
+            .send(manifest)
+            .context("POST /v1/apply")?;
+        let status = r.status();
+        let body = r.body_mut().read_to_string().unwrap_or_default();
+        anyhow::ensure!(status.is_success(), "apply answered {status}: {body}");
+        Ok(())
+    })
+    .await??;
+    let site_url = format!("{api}/v1/nodes?labelSelector=site=shop0");
+    // The site's nodes, once the controller has seen each run its new generation.
+    let deadline = Instant::now() + timeout;
+    let site: Vec<String> = loop {
+        let u = site_url.clone();
+        let listing = tokio::task::spawn_blocking(move || get_json(&u)).await??;
+        let items = listing["items"].as_array().cloned().unwrap_or_default();
+        let done = !items.is_empty()
+            && items
+                .iter()
+                .all(|n| n["observedGeneration"].as_u64() >= n["desiredGeneration"].as_u64());
+        if done {
+            break items
+                .iter()
+                .filter_map(|n| n["name"].as_str().map(str::to_owned))
+                .collect();
+        }
+        if Instant::now() > deadline {
+            return Ok(Err(format!(
+                "targeted apply: the nodes of site shop0 did not report it within {timeout:?}"
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let diff = || {
+        let after = watch.published();
+        let mut out: HashMap<String, u64> = HashMap::new();
+        for (node, n) in after {
+            let d = n - before.get(&node).copied().unwrap_or(0);
+            if d > 0 {
+                out.insert(node, d);
+            }
+        }
+        out
+    };
+    // The watcher gets the publishes on its own connection: wait for them.
+    wait(timeout, || site.iter().all(|n| diff().contains_key(n))).await;
+    let published = diff();
+    let total: u64 = published.values().sum();
+    let others = published.keys().filter(|n| !site.contains(n)).count();
+    let twice = published.values().filter(|n| **n > 1).count();
+    if total as usize != site.len() || others > 0 || twice > 0 {
+        return Ok(Err(format!(
+            "targeted apply: {total} desired states published for {} nodes of site shop0 \
+             ({others} to other nodes, {twice} nodes more than once)",
+            site.len()
+        )));
+    }
+    Ok(Ok(format!(
+        "- targeted apply (a workload for site shop0): {total} desired states published, one to each of its {} nodes, none to the others",
+        site.len()
+    )))
 }
 
 /// A temp dir removed on drop.

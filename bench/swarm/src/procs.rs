@@ -77,6 +77,15 @@ pub enum BrokerKind {
 }
 
 /// The controller (and Mosquitto, if used) of a run.
+/// The controller's admin API token, once it is up (the same across
+/// restarts: the store is kept).
+static API_TOKEN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// `Bearer {admin token}`, for the API calls of the run.
+pub fn bearer() -> String {
+    format!("Bearer {}", API_TOKEN.get().map_or("", String::as_str))
+}
+
 pub struct Cluster {
     /// `flotilla serve`.
     pub controller: Proc,
@@ -115,6 +124,9 @@ impl Cluster {
             restarts: 0,
         };
         cluster.wait_api(Duration::from_secs(60))?;
+        let token = std::fs::read_to_string(dir.join("controller/admin.token"))
+            .context("reading the controller's admin.token")?;
+        let _ = API_TOKEN.set(token.trim().to_owned());
         Ok(cluster)
     }
 
@@ -178,6 +190,8 @@ fn start_controller(
         // The simulated agents connect without enrolling (the trust path
         // is measured elsewhere); signatures are still made and sent.
         .arg("--allow-anonymous")
+        // The control plane is measured, not TLS: plain HTTP on loopback.
+        .arg("--api-plain")
         .env("FLOTILLA_LOG", "warn");
     match kind {
         BrokerKind::Embedded => cmd
@@ -196,7 +210,8 @@ fn start_mosquitto(dir: &Path, port: u16) -> anyhow::Result<Proc> {
         &conf,
         format!(
             "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n\
-             set_tcp_nodelay true\nmax_packet_size 4194304\nmax_queued_messages 100000\n"
+             set_tcp_nodelay true\nmax_packet_size 4194304\nmax_queued_messages 100000\n\
+             max_connections -1\n"
         ),
     )?;
     let proc = Proc::spawn(

@@ -1,6 +1,8 @@
 //! Watches every node's status as the controller would — its own MQTT
 //! connection, subscribed to `…/node/+/status` — and remembers when each node
-//! first reported each generation with all its pods running.
+//! first reported each generation with all its pods running. It also counts
+//! the desired states the controller publishes to each node (live ones, not
+//! the retained copies replayed when it subscribes).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -29,12 +31,21 @@ pub struct NodeSeen {
 #[derive(Clone, Default)]
 pub struct Watch {
     nodes: Arc<Mutex<HashMap<String, NodeSeen>>>,
+    published: Arc<Mutex<HashMap<String, u64>>>,
 }
 
 impl Watch {
     /// Runs `f` on the current view.
     pub fn with<T>(&self, f: impl FnOnce(&HashMap<String, NodeSeen>) -> T) -> T {
         f(&self.nodes.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// Desired states published to each node since the watch started.
+    pub fn published(&self) -> HashMap<String, u64> {
+        self.published
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     /// Starts watching; the task ends with `shutdown`.
@@ -61,15 +72,25 @@ impl Watch {
                 };
                 match event {
                     Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                        let _ = client
-                            .subscribe(topics.all_nodes(TopicKind::Status), QoS::AtLeastOnce)
-                            .await;
-                    }
-                    Ok(Event::Incoming(Packet::Publish(p))) => {
-                        if let Ok(status) = decode::<NodeStatus>(&p.payload) {
-                            w.record(status);
+                        for kind in [TopicKind::Status, TopicKind::Desired] {
+                            let _ = client
+                                .subscribe(topics.all_nodes(kind), QoS::AtLeastOnce)
+                                .await;
                         }
                     }
+                    Ok(Event::Incoming(Packet::Publish(p))) => match topics.parse(&p.topic) {
+                        Some((node, TopicKind::Desired)) if !p.retain => {
+                            let mut published =
+                                w.published.lock().unwrap_or_else(PoisonError::into_inner);
+                            *published.entry(node.to_owned()).or_default() += 1;
+                        }
+                        Some((_, TopicKind::Status)) => {
+                            if let Ok(status) = decode::<NodeStatus>(&p.payload) {
+                                w.record(status);
+                            }
+                        }
+                        _ => {}
+                    },
                     Ok(_) => {}
                     Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
                 }

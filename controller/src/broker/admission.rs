@@ -61,6 +61,15 @@ const DEVICE_PUBLISHES: [TopicKind; 3] = [
 /// Topics a device may subscribe to.
 const DEVICE_SUBSCRIBES: [TopicKind; 2] = [TopicKind::Desired, TopicKind::RpcRequest];
 
+/// The client ids a device may connect with: its node name, or the agent's
+/// `flotilla-agent-{node}`. Binding the id to the node keeps a device from
+/// taking over another's persistent session, whose subscriptions (checked
+/// only when they were made) would otherwise deliver it the other's
+/// desired state.
+pub(super) fn device_client_ids(node: &str) -> [String; 2] {
+    [node.to_owned(), format!("flotilla-agent-{node}")]
+}
+
 /// The handler of the three hooks.
 pub(super) struct Admission {
     policy: Policy,
@@ -96,6 +105,11 @@ impl Admission {
             Some(Principal::Controller) => AuthResult::Allow(true, None),
             Some(Principal::Anonymous) => AuthResult::Allow(false, None),
             Some(Principal::Device(node)) => {
+                let client_id: &str = connect.client_id();
+                if !device_client_ids(&node).iter().any(|id| id == client_id) {
+                    tracing::warn!(%node, client = client_id, "refused a connect: client id of another");
+                    return AuthResult::NotAuthorized;
+                }
                 if let Some(will) = connect.last_will() {
                     let topic = will_topic(&will);
                     if !may(topics, &node, &DEVICE_PUBLISHES, topic) {

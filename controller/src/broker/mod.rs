@@ -13,6 +13,9 @@
 mod admission;
 mod probe;
 mod setup;
+mod tls;
+
+pub use tls::{TlsError, TlsMaterial};
 
 use std::io;
 use std::net::SocketAddr;
@@ -74,6 +77,9 @@ pub struct BrokerConfig {
     pub max_connections: usize,
     /// Threads of the broker's own runtime. Default: the CPUs, at most 4.
     pub worker_threads: NonZeroUsize,
+    /// An mTLS listener in front of the plain one (see `tls.rs`); only with
+    /// the fleet's identities. Default: none.
+    pub tls: Option<TlsMaterial>,
 }
 
 impl BrokerConfig {
@@ -94,6 +100,7 @@ impl BrokerConfig {
             max_retained_messages: 1_000_000,
             max_connections: 100_000,
             worker_threads: NonZeroUsize::new(cpus.min(4)).unwrap_or(NonZeroUsize::MIN),
+            tls: None,
         }
     }
 
@@ -148,6 +155,13 @@ pub enum BrokerError {
     /// The broker's thread ended before reporting (it panicked).
     #[error("mqtt broker thread exited before the broker was ready")]
     Exited,
+    /// The TLS listener could not be set up.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// A TLS listener was asked without the fleet's identities to check
+    /// certificates against.
+    #[error("mqtt broker config: a tls listener needs the fleet's identities")]
+    TlsWithoutIdentity,
 }
 
 /// A running embedded broker. Stopped by `shutdown` or on drop; both block
@@ -155,6 +169,7 @@ pub enum BrokerError {
 #[derive(Debug)]
 pub struct EmbeddedBroker {
     local_addr: SocketAddr,
+    tls_addr: Option<SocketAddr>,
     stop: Option<oneshot::Sender<()>>,
     thread: Option<JoinHandle<()>>,
 }
@@ -193,8 +208,9 @@ impl EmbeddedBroker {
         // if rmqtt's setup hangs before the probe even begins.
         let waited = START_TIMEOUT + SHUTDOWN_GRACE;
         match ready_rx.recv_timeout(waited) {
-            Ok(Ok(local_addr)) => Ok(EmbeddedBroker {
+            Ok(Ok((local_addr, tls_addr))) => Ok(EmbeddedBroker {
                 local_addr,
+                tls_addr,
                 stop: Some(stop_tx),
                 thread: Some(thread),
             }),
@@ -222,6 +238,11 @@ impl EmbeddedBroker {
     /// The address the broker listens on, with the real port.
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The address of the mTLS listener, with the real port, if there is one.
+    pub fn tls_addr(&self) -> Option<SocketAddr> {
+        self.tls_addr
     }
 
     /// Stops the broker: closes every client connection (no wills are sent)
@@ -257,7 +278,7 @@ fn join(thread: JoinHandle<()>) {
 fn serve(
     config: BrokerConfig,
     policy: Policy,
-    ready: SyncSender<Result<SocketAddr, BrokerError>>,
+    ready: SyncSender<Result<(SocketAddr, Option<SocketAddr>), BrokerError>>,
     stop: oneshot::Receiver<()>,
 ) {
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -274,14 +295,19 @@ fn serve(
     };
 
     runtime.block_on(async move {
-        let (server, local_addr) = match setup::build(&config, policy).await {
+        let built = match setup::build(&config, policy).await {
             Ok(built) => built,
             Err(e) => {
                 let _ = ready.send(Err(e));
                 return;
             }
         };
-        let serving = tokio::spawn(server.run());
+        let local_addr = built.local_addr;
+        let tls_addr = built.tls_addr;
+        let serving = tokio::spawn(built.server.run());
+        for task in built.tasks {
+            tokio::spawn(task);
+        }
         let deadline = tokio::time::Instant::now() + START_TIMEOUT;
         if let Err(source) = probe::until_ready(local_addr, deadline).await {
             let _ = ready.send(Err(BrokerError::NotReady {
@@ -291,7 +317,7 @@ fn serve(
             }));
             return;
         }
-        if ready.send(Ok(local_addr)).is_err() {
+        if ready.send(Ok((local_addr, tls_addr))).is_err() {
             return; // `start` gave up waiting
         }
         tracing::debug!(addr = %local_addr, "mqtt broker answering");

@@ -1,17 +1,34 @@
 //! Every rmqtt setting the embedded broker runs with, in one place: the
-//! server context, the retainer plugin, the hooks, and the TCP listener.
-//! The admission and ACL hooks are wired in here (a TLS listener will be too).
+//! server context, the retainer plugin, the hooks, the TCP listener, and
+//! with the fleet's identities the mTLS front (`tls.rs`) and the task that
+//! drops a revoked node's live session.
 
+use std::future::Future;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::pin::Pin;
+use std::sync::Arc;
 
 use rmqtt::context::ServerContext;
 use rmqtt::hook::Type;
 use rmqtt::net::Builder;
 use rmqtt::server::MqttServer;
 
-use super::admission::{Admission, Policy};
+use super::admission::{Admission, Policy, device_client_ids};
+use super::tls::Front;
 use super::{BoxError, BrokerConfig, BrokerError};
+use crate::identity::Identity;
+
+/// A task to run on the broker's runtime next to the server.
+pub(super) type Task = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// The broker, built and bound, with what else runs beside it.
+pub(super) struct Built {
+    pub(super) server: MqttServer,
+    pub(super) local_addr: SocketAddr,
+    pub(super) tls_addr: Option<SocketAddr>,
+    pub(super) tasks: Vec<Task>,
+}
 
 /// Name the retainer plugin is registered and configured under.
 const RETAINER: &str = "rmqtt-retainer";
@@ -26,10 +43,7 @@ const MAX_TOPIC_LEVELS: usize = 32;
 
 /// Binds the listener, then builds a broker ready to `run()`. Returns it with
 /// the address actually bound (the real port when the config asked for 0).
-pub(super) async fn build(
-    config: &BrokerConfig,
-    policy: Policy,
-) -> Result<(MqttServer, SocketAddr), BrokerError> {
+pub(super) async fn build(config: &BrokerConfig, policy: Policy) -> Result<Built, BrokerError> {
     // Binding first is the port check: rmqtt's `bind()` returns an error for
     // a port in use, where `MqttServer::start()` would exit the process. The
     // listener id is the real port, unique since this context has one
@@ -46,6 +60,26 @@ pub(super) async fn build(
         addr: config.listen,
         source: into_io(e),
     })?;
+
+    let mut tasks: Vec<Task> = Vec::new();
+    let mut tls_addr = None;
+    if let Some(material) = &config.tls {
+        let Policy::Fleet { identity, .. } = &policy else {
+            return Err(BrokerError::TlsWithoutIdentity);
+        };
+        let front = Front::bind(
+            material,
+            Arc::clone(identity),
+            loopback(local_addr),
+            config.max_connections,
+        )
+        .await?;
+        tls_addr = Some(front.local_addr().map_err(|source| BrokerError::Bind {
+            addr: material.listen,
+            source,
+        })?);
+        tasks.push(Box::pin(front.run()));
+    }
 
     let scx = ServerContext::new()
         // The busy check compares load in mismatched units and can refuse
@@ -72,10 +106,69 @@ pub(super) async fn build(
     }
     hooks.start().await;
 
+    if let Policy::Fleet { identity, .. } = &policy {
+        tasks.push(Box::pin(drop_revoked(scx.clone(), Arc::clone(identity))));
+    }
+
     let server = MqttServer::new(scx)
         .listener_by_id(listener, local_addr.port())
         .build();
-    Ok((server, local_addr))
+    Ok(Built {
+        server,
+        local_addr,
+        tls_addr,
+        tasks,
+    })
+}
+
+/// The plain listener as the TLS front reaches it.
+fn loopback(addr: SocketAddr) -> SocketAddr {
+    match addr.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => {
+            SocketAddr::from((Ipv4Addr::LOCALHOST, addr.port()))
+        }
+        IpAddr::V6(ip) if ip.is_unspecified() => {
+            SocketAddr::from((Ipv6Addr::LOCALHOST, addr.port()))
+        }
+        _ => addr,
+    }
+}
+
+/// Disconnects the live session of every node revoked from now on (the
+/// admission hook refuses it at its next CONNECT). The session is removed
+/// with its subscriptions, so nothing queued for it is delivered later.
+async fn drop_revoked(scx: ServerContext, identity: Arc<Identity>) {
+    let mut revocations = identity.revocations();
+    loop {
+        let node = match revocations.recv().await {
+            Ok(node) => node,
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                tracing::warn!("{n} revocations came faster than sessions were dropped");
+                continue;
+            }
+        };
+        for client_id in device_client_ids(&node) {
+            let id = rmqtt::types::Id::new(
+                scx.node.id(),
+                0,
+                None,
+                None,
+                client_id.clone().into(),
+                Some(node.clone().into()),
+            );
+            let mut entry = scx.extends.shared().await.entry(id);
+            if !entry.exist() {
+                continue;
+            }
+            match entry.kick(true, true, true).await {
+                Ok(_) => tracing::info!(%node, client = %client_id, "revoked: session dropped"),
+                Err(e) => {
+                    tracing::warn!(%node, client = %client_id, "revoked, but dropping its session failed: {e}")
+                }
+            }
+        }
+    }
 }
 
 fn listener_builder(config: &BrokerConfig) -> Builder {

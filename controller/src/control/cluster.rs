@@ -9,7 +9,7 @@ use flotilla_proto::{DesiredState, PodSpec};
 
 use crate::fleet::Fleet;
 use crate::manifest::{Placement, Workload};
-use crate::rollout::{History, Rollout};
+use crate::rollout::{self, History, Rollout};
 use crate::scheduler::{self, Condition, NodeFacts, Placements};
 use crate::store::Snapshot;
 
@@ -23,6 +23,8 @@ pub struct NodeDesired {
     pub generation: u64,
     /// The pods, by workload then pod name.
     pub pods: Vec<PlacedPod>,
+    /// Images to download ahead of a rollout's switch (each once).
+    pub prefetch: Vec<String>,
 }
 
 /// One pod on a node: its name there and its workload's template.
@@ -62,6 +64,7 @@ impl NodeDesired {
                     ..(*p.template).clone()
                 })
                 .collect(),
+            prefetch: self.prefetch.clone(),
         }
     }
 }
@@ -84,6 +87,11 @@ pub struct Cluster {
     pub history: History,
     /// Each workload's rollout, running or the last one.
     pub rollouts: BTreeMap<String, RolloutState>,
+    /// Secrets by name, opened (set by `control::start`: the store holds
+    /// them sealed).
+    pub secrets: BTreeMap<String, crate::secrets::Secret>,
+    /// Namespaces applied by name (`default`, implicit, is not among them).
+    pub namespaces: BTreeMap<String, crate::manifest::namespace::Namespace>,
 }
 
 /// A rollout and the pod template of the revision it moves away from,
@@ -98,7 +106,7 @@ pub struct RolloutState {
 
 /// A workload's pod template, kept from `old` when it did not change so
 /// that nodes keep sharing one copy.
-pub(super) fn templates_for(
+pub fn templates_for(
     workloads: &BTreeMap<String, Workload>,
     old: &BTreeMap<String, Arc<PodSpec>>,
 ) -> BTreeMap<String, Arc<PodSpec>> {
@@ -118,9 +126,16 @@ pub(super) fn templates_for(
 impl Cluster {
     pub(super) fn from_snapshot(snap: Snapshot) -> Self {
         let mut fleet = Fleet::default();
-        for (name, status) in snap.status {
+        for (name, frame) in snap.status {
             let seen = snap.last_seen.get(&name).copied().unwrap_or(0);
-            fleet.restore(status, seen);
+            // A status is only a cache of what the node will report again:
+            // drop one that no longer decodes rather than refuse to start.
+            if let Err(e) = fleet.restore(frame, seen) {
+                tracing::warn!(node = %name, "dropping stored status: {e}");
+            }
+        }
+        for (name, since) in snap.not_ready_since {
+            fleet.restore_not_ready_since(&name, since);
         }
         for (name, labels) in snap.node_labels {
             fleet.set_controller_labels(&name, labels);
@@ -149,7 +164,15 @@ impl Cluster {
                     })
                     .collect();
                 let generation = state.generation;
-                (node, NodeDesired { generation, pods })
+                let prefetch = state.prefetch;
+                (
+                    node,
+                    NodeDesired {
+                        generation,
+                        pods,
+                        prefetch,
+                    },
+                )
             })
             .collect();
         let mut cluster = Self {
@@ -160,6 +183,8 @@ impl Cluster {
             unschedulable: BTreeMap::new(),
             history: History::restore(snap.revisions),
             rollouts: BTreeMap::new(),
+            secrets: BTreeMap::new(),
+            namespaces: snap.namespaces,
         };
         for rollout in snap.rollouts {
             let name = rollout.workload.clone();
@@ -184,16 +209,16 @@ impl Cluster {
     }
 
     /// The nodes the scheduler may use: those that reported at least once.
-    fn facts(&self) -> Vec<NodeFacts> {
+    pub fn facts(&self) -> Vec<NodeFacts> {
         self.fleet
             .nodes()
             .iter()
             .filter_map(|(name, node)| {
-                let info = &node.status.as_ref()?.info;
+                let info = node.reported()?;
                 Some(NodeFacts {
                     name: name.clone(),
-                    labels: node.labels(),
-                    arch: info.arch.clone(),
+                    labels: node.shared_labels(),
+                    arch: Arc::clone(&info.arch),
                     cpu_millis: u64::from(info.cpus) * 1000,
                     memory_bytes: info.memory_bytes,
                     condition: node.condition(),
@@ -203,7 +228,7 @@ impl Cluster {
     }
 
     /// Where pods are now, as the scheduler reads it.
-    pub(super) fn current(&self) -> Placements {
+    pub fn current(&self) -> Placements {
         let mut out = Placements::new();
         for (node, d) in &self.desired {
             for pod in &d.pods {
@@ -220,7 +245,7 @@ impl Cluster {
     /// store remembers), with the generation bumped, and why some pods
     /// could not be placed.
     /// During a rollout, nodes not switched yet keep the old template.
-    pub(super) fn plan(
+    pub fn plan(
         &self,
         workloads: &BTreeMap<String, Workload>,
         templates: &BTreeMap<String, Arc<PodSpec>>,
@@ -229,12 +254,25 @@ impl Cluster {
     ) -> (Vec<(String, NodeDesired)>, BTreeMap<String, String>) {
         let schedule = scheduler::schedule(&self.facts(), workloads, &self.current(), now_ms);
         let mut by_node: BTreeMap<&str, Vec<PlacedPod>> = BTreeMap::new();
+        let mut prefetch: BTreeMap<&str, Vec<String>> = BTreeMap::new();
         for (workload, pods) in &schedule.placements {
             let Some(template) = templates.get(workload) else {
                 continue;
             };
             let rollout = rollouts.get(workload).filter(|r| r.rollout.phase.active());
+            let images = rollout
+                .filter(|r| !r.rollout.prefetching.is_empty())
+                .map(|r| rollout::prefetch_images(template, &r.stable))
+                .unwrap_or_default();
             for (node, pod) in pods {
+                if rollout.is_some_and(|r| r.rollout.prefetching.contains_key(node)) {
+                    let list = prefetch.entry(node).or_default();
+                    for image in &images {
+                        if !list.contains(image) {
+                            list.push(image.clone());
+                        }
+                    }
+                }
                 let template = match rollout {
                     Some(r) if !r.rollout.switched.contains_key(node) => &r.stable,
                     _ => template,
@@ -255,14 +293,11 @@ impl Cluster {
         let mut out = Vec::new();
         for node in names {
             let pods = by_node.remove(node).unwrap_or_default();
+            let prefetch = prefetch.remove(node).unwrap_or_default();
             let last = self.desired.get(node);
             let published = last.map_or(0, |d| d.generation);
-            let observed = self
-                .fleet
-                .get(node)
-                .and_then(|n| n.status.as_ref())
-                .map_or(0, |s| s.observed_generation);
-            let same = last.is_some_and(|d| d.pods == pods);
+            let observed = self.fleet.get(node).map_or(0, |n| n.observed_generation());
+            let same = last.is_some_and(|d| d.pods == pods && d.prefetch == prefetch);
             if same && observed <= published {
                 continue;
             }
@@ -270,7 +305,12 @@ impl Cluster {
                 continue;
             }
             let generation = published.max(observed) + 1;
-            out.push((node.to_owned(), NodeDesired { generation, pods }));
+            let desired = NodeDesired {
+                generation,
+                pods,
+                prefetch,
+            };
+            out.push((node.to_owned(), desired));
         }
         (out, schedule.unschedulable)
     }
@@ -320,6 +360,7 @@ mod tests {
                 ..NodeInfo::default()
             },
             pods: vec![],
+            prefetch: Vec::new(),
         }
     }
 
@@ -383,6 +424,7 @@ mod tests {
                     ..web.pod_spec("web")
                 },
             ],
+            prefetch: Vec::new(),
         };
         let mut snap = Snapshot::default();
         snap.workloads.insert("web".into(), web);
@@ -392,5 +434,49 @@ mod tests {
         assert!(Arc::ptr_eq(&d.pods[0].template, &cluster.templates["web"]));
         assert!(!Arc::ptr_eq(&d.pods[1].template, &cluster.templates["web"]));
         assert_eq!(d.to_state("n1"), state);
+    }
+
+    #[test]
+    fn a_prefetching_node_keeps_its_pods_and_gets_the_new_images() {
+        let mut cluster = Cluster::default();
+        cluster.fleet.ingest_status(status("n1", "a", 0), 1);
+        cluster.fleet.ingest_status(status("n3", "a", 0), 1);
+        let old = workload(WEB);
+        let new = workload(&WEB.replace("oci:/x", "oci:/y"));
+        let workloads = BTreeMap::from([("web".to_string(), new)]);
+        let templates = templates_for(&workloads, &BTreeMap::new());
+        let stable = Arc::new(old.pod_spec("web"));
+        let mut rollout = Rollout::new("web", 1, 2, vec!["n1".into(), "n3".into()], 0);
+        rollout.prefetching.insert("n1".into(), 0);
+        let rollouts = BTreeMap::from([(
+            "web".to_string(),
+            RolloutState {
+                rollout,
+                stable: Arc::clone(&stable),
+            },
+        )]);
+        let (changed, _) = cluster.plan(&workloads, &templates, &rollouts, 1);
+        let by_node: BTreeMap<_, _> = changed.into_iter().collect();
+        let n1 = &by_node["n1"];
+        assert!(Arc::ptr_eq(&n1.pods[0].template, &stable), "pods unchanged");
+        assert_eq!(n1.prefetch, ["oci:/y"]);
+        assert_eq!(n1.to_state("n1").prefetch, ["oci:/y"]);
+        assert!(by_node["n3"].prefetch.is_empty());
+
+        // Switched, it runs the new template and downloads nothing ahead.
+        let mut rollouts = rollouts;
+        let r = &mut rollouts.get_mut("web").unwrap().rollout;
+        r.prefetching.clear();
+        r.switched.insert(
+            "n1".into(),
+            crate::rollout::Switch {
+                at_ms: 1,
+                generation: 0,
+            },
+        );
+        let (changed, _) = cluster.plan(&workloads, &templates, &rollouts, 1);
+        let n1 = &changed.iter().find(|(n, _)| n == "n1").unwrap().1;
+        assert!(Arc::ptr_eq(&n1.pods[0].template, &templates["web"]));
+        assert!(n1.prefetch.is_empty());
     }
 }

@@ -12,24 +12,38 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use flotilla_proto::{DesiredState, NodeStatus, Presence, decode, encode};
-use tokio::sync::{mpsc, oneshot};
+use flotilla_proto::{NodeStatus, Presence, decode};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::fleet::{Readiness, StatusOutcome};
 use crate::manifest::Workload;
 use crate::mqtt::{Incoming, MqttHandle};
 use crate::rollout::{Rollout, RolloutError};
+use crate::secrets::{Sealer, Secret, SecretError, Staged};
 use crate::store::{Batch, Store, StoreError};
 
 mod cluster;
+mod handle;
+mod namespaces;
+mod publish;
 mod rollouts;
 
-use cluster::templates_for;
+pub use cluster::templates_for;
 pub use cluster::{Cluster, NodeDesired, PlacedPod, RolloutState};
+pub use handle::ControlHandle;
+pub use namespaces::{AppliedObjects, NamespaceError};
+
+use handle::{AppliedAll, Command};
 
 /// How often reported statuses are written to the store, in one transaction.
 const FLUSH_EVERY: Duration = Duration::from_secs(1);
+
+/// Most messages from the nodes taken per wake of the loop: placement runs
+/// once per batch rather than once per message (a fleet-wide burst of
+/// statuses after an apply or a reconnect), and a command waits at most
+/// one batch.
+const INGEST_BATCH: usize = 4096;
 
 /// Errors the control loop returns to the API.
 #[derive(Debug, thiserror::Error)]
@@ -43,6 +57,12 @@ pub enum ControlError {
     /// A revision command could not be done; nothing changed.
     #[error(transparent)]
     Rollout(#[from] RolloutError),
+    /// A Secret could not be sealed for the store; nothing changed.
+    #[error(transparent)]
+    Secret(#[from] SecretError),
+    /// A namespace's policy refused the change; nothing changed.
+    #[error(transparent)]
+    Namespace(#[from] NamespaceError),
     /// No node of that name has been heard from.
     #[error("node \"{0}\" not found")]
     NoSuchNode(String),
@@ -73,137 +93,6 @@ impl Applied {
     }
 }
 
-enum Command {
-    Apply {
-        workloads: Vec<Workload>,
-        reply: oneshot::Sender<Result<Vec<(String, Applied)>, ControlError>>,
-    },
-    Delete {
-        name: String,
-        reply: oneshot::Sender<Result<bool, ControlError>>,
-    },
-    Undo {
-        workload: String,
-        to: Option<u64>,
-        reply: oneshot::Sender<Result<(Applied, u64), ControlError>>,
-    },
-    Hold {
-        workload: String,
-        pause: bool,
-        reply: oneshot::Sender<Result<(), ControlError>>,
-    },
-    Label {
-        node: String,
-        set: BTreeMap<String, String>,
-        remove: Vec<String>,
-        reply: oneshot::Sender<Result<BTreeMap<String, String>, ControlError>>,
-    },
-    Read(Box<dyn FnOnce(&Cluster) + Send>),
-}
-
-/// A cloneable handle to the control loop.
-#[derive(Clone)]
-pub struct ControlHandle {
-    tx: mpsc::Sender<Command>,
-}
-
-impl ControlHandle {
-    /// Creates or replaces `workloads`, all or none.
-    pub async fn apply(
-        &self,
-        workloads: Vec<Workload>,
-    ) -> Result<Vec<(String, Applied)>, ControlError> {
-        let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(Command::Apply { workloads, reply })
-            .await
-            .map_err(|_| ControlError::Stopped)?;
-        rx.await.map_err(|_| ControlError::Stopped)?
-    }
-
-    /// Deletes a workload; `false` if there was none of that name.
-    pub async fn delete(&self, name: String) -> Result<bool, ControlError> {
-        let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(Command::Delete { name, reply })
-            .await
-            .map_err(|_| ControlError::Stopped)?;
-        rx.await.map_err(|_| ControlError::Stopped)?
-    }
-
-    /// Brings back the pods of revision `to` (default: the one before the
-    /// newest) as a new revision; returns whether anything changed and the
-    /// workload's revision after.
-    pub async fn undo(
-        &self,
-        workload: String,
-        to: Option<u64>,
-    ) -> Result<(Applied, u64), ControlError> {
-        let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(Command::Undo {
-                workload,
-                to,
-                reply,
-            })
-            .await
-            .map_err(|_| ControlError::Stopped)?;
-        rx.await.map_err(|_| ControlError::Stopped)?
-    }
-
-    /// Pauses (`pause`) or resumes a workload's rollout.
-    pub async fn hold(&self, workload: String, pause: bool) -> Result<(), ControlError> {
-        let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(Command::Hold {
-                workload,
-                pause,
-                reply,
-            })
-            .await
-            .map_err(|_| ControlError::Stopped)?;
-        rx.await.map_err(|_| ControlError::Stopped)?
-    }
-
-    /// Sets and removes labels of a node at the controller; returns the
-    /// node's controller labels after the change. Keys and values must
-    /// have been checked (`flotilla_proto::check_label_key`, `…_value`).
-    pub async fn label(
-        &self,
-        node: String,
-        set: BTreeMap<String, String>,
-        remove: Vec<String>,
-    ) -> Result<BTreeMap<String, String>, ControlError> {
-        let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(Command::Label {
-                node,
-                set,
-                remove,
-                reply,
-            })
-            .await
-            .map_err(|_| ControlError::Stopped)?;
-        rx.await.map_err(|_| ControlError::Stopped)?
-    }
-
-    /// Runs `f` on the cluster state inside the control loop and returns its result.
-    pub async fn read<T: Send + 'static>(
-        &self,
-        f: impl FnOnce(&Cluster) -> T + Send + 'static,
-    ) -> Result<T, ControlError> {
-        let (reply, rx) = oneshot::channel();
-        let job = Box::new(move |c: &Cluster| {
-            let _ = reply.send(f(c));
-        });
-        self.tx
-            .send(Command::Read(job))
-            .await
-            .map_err(|_| ControlError::Stopped)?;
-        rx.await.map_err(|_| ControlError::Stopped)
-    }
-}
-
 /// The control loop's owned parts.
 struct ControlLoop {
     cluster: Cluster,
@@ -213,6 +102,12 @@ struct ControlLoop {
     dirty: BTreeSet<String>,
     /// A Ready node not heard from for this long is marked NotReady.
     node_timeout: Duration,
+    /// Seals Secrets for the store and for each node.
+    sealer: Arc<Sealer>,
+    /// Secret changes the next `commit` writes with the rest.
+    staged: Option<Staged>,
+    /// Namespace changes the next `commit` writes with the rest.
+    staged_namespaces: Option<namespaces::StagedNamespaces>,
 }
 
 /// Loads the store and returns the handle and the loop to run.
@@ -221,9 +116,14 @@ pub fn start(
     mqtt: MqttHandle,
     incoming: mpsc::UnboundedReceiver<Incoming>,
     node_timeout: Duration,
+    sealer: Arc<Sealer>,
     shutdown: CancellationToken,
 ) -> Result<(ControlHandle, impl std::future::Future<Output = ()>), StoreError> {
-    let cluster = Cluster::from_snapshot(store.load()?);
+    let mut snap = store.load()?;
+    let stored_secrets = std::mem::take(&mut snap.secrets);
+    crate::secrets::to_references(&mut snap.desired);
+    let mut cluster = Cluster::from_snapshot(snap);
+    cluster.secrets = sealer.open_stored(stored_secrets);
     tracing::info!(
         workloads = cluster.workloads.len(),
         nodes = cluster.fleet.nodes().len(),
@@ -236,6 +136,9 @@ pub fn start(
         mqtt,
         dirty: BTreeSet::new(),
         node_timeout,
+        sealer,
+        staged: None,
+        staged_namespaces: None,
     };
     Ok((ControlHandle { tx }, control.run(rx, incoming, shutdown)))
 }
@@ -253,7 +156,23 @@ impl ControlLoop {
             tokio::select! {
                 () = shutdown.cancelled() => break,
                 Some(cmd) = commands.recv() => self.command(cmd).await,
-                Some(msg) = incoming.recv() => self.incoming(msg).await,
+                Some(msg) = incoming.recv() => {
+                    let mut replan = self.incoming(msg).await;
+                    for _ in 1..INGEST_BATCH {
+                        let Ok(msg) = incoming.try_recv() else { break };
+                        replan |= self.incoming(msg).await;
+                    }
+                    // What placement reads is stored at once (once per
+                    // batch, not per message): a controller killed a moment
+                    // later still knows a new node and where it may go, and
+                    // counts replicas' toleration from when a node went away.
+                    if replan {
+                        self.flush().await;
+                        self.reschedule().await;
+                    } else {
+                        self.save_not_ready_since().await;
+                    }
+                }
                 _ = flush.tick() => {
                     let now = now_ms();
                     for node in self.cluster.fleet.expire(now, self.node_timeout) {
@@ -275,6 +194,16 @@ impl ControlLoop {
         match cmd {
             Command::Apply { workloads, reply } => {
                 let _ = reply.send(self.apply(workloads, "apply", true).await);
+            }
+            Command::ApplyAll {
+                workloads,
+                secrets,
+                reply,
+            } => {
+                let _ = reply.send(self.apply_all(workloads, secrets).await);
+            }
+            Command::DeleteSecret { name, reply } => {
+                let _ = reply.send(self.delete_secret(name).await);
             }
             Command::Undo {
                 workload,
@@ -302,6 +231,7 @@ impl ControlLoop {
                 let _ = reply.send(self.label(node, set, remove).await);
             }
             Command::Read(job) => job(&self.cluster),
+            Command::Namespaces(cmd) => self.namespace_command(cmd).await,
         }
     }
 
@@ -421,6 +351,7 @@ impl ControlLoop {
             .get(&name)
             .ok_or_else(|| RolloutError::NoWorkload(name.clone()))?;
         let back = self.cluster.history.undo(current, to)?;
+        namespaces::admit(&self.cluster.namespaces, std::slice::from_ref(&back))?;
         let from = match to {
             Some(n) => n,
             None => {
@@ -457,58 +388,56 @@ impl ControlLoop {
         Ok(true)
     }
 
-    /// Persists `batch` with the desired states `workloads` leads to, then
-    /// makes it the current state and publishes what changed.
-    async fn commit(
+    /// Stores `secrets` and applies `workloads` in one transaction; the
+    /// nodes whose pods use a changed Secret get a new generation.
+    async fn apply_all(
         &mut self,
-        workloads: BTreeMap<String, Workload>,
-        mut batch: Batch,
-        rollouts: BTreeMap<String, RolloutState>,
-    ) -> Result<(), ControlError> {
-        let templates = templates_for(&workloads, &self.cluster.templates);
-        let (changed, unschedulable) =
-            self.cluster
-                .plan(&workloads, &templates, &rollouts, now_ms());
-        let (states, frames) = frames(&changed)?;
-        batch.put_desired = states;
-        self.write(batch).await?;
-        self.cluster.workloads = workloads;
-        self.cluster.templates = templates;
-        self.cluster.rollouts = rollouts;
-        self.cluster.unschedulable = unschedulable;
-        self.install(changed, frames).await;
-        Ok(())
-    }
-
-    /// Records new desired states as current and publishes them.
-    async fn install(&mut self, changed: Vec<(String, NodeDesired)>, frames: Vec<Vec<u8>>) {
-        for ((node, desired), frame) in changed.into_iter().zip(frames) {
-            tracing::info!(%node, generation = desired.generation, pods = desired.pods.len(), "publishing desired state");
-            if let Err(e) = self.mqtt.publish_desired(&node, frame).await {
-                tracing::error!(%node, "publishing desired state: {e}");
+        workloads: Vec<Workload>,
+        secrets: Vec<Secret>,
+    ) -> Result<AppliedAll, ControlError> {
+        let (staged, outcome) = Staged::new(&self.cluster.secrets, secrets, self.sealer.vault())?;
+        self.staged = (!staged.is_empty()).then_some(staged);
+        let result = match self.apply(workloads, "apply", true).await {
+            // No workload changed: the Secrets are committed on their own.
+            Ok(applied) if self.staged.is_some() => {
+                let (w, r) = (
+                    self.cluster.workloads.clone(),
+                    self.cluster.rollouts.clone(),
+                );
+                self.commit(w, Batch::default(), r).await.map(|()| applied)
             }
-            self.cluster.desired.insert(node, desired);
-        }
+            other => other,
+        };
+        self.staged = None;
+        Ok((result?, outcome))
     }
 
-    async fn write(&self, batch: Batch) -> Result<(), StoreError> {
-        let store = Arc::clone(&self.store);
-        match tokio::task::spawn_blocking(move || store.write(&batch)).await {
-            Ok(result) => result,
-            Err(e) => Err(StoreError::Corrupt {
-                what: "store write".into(),
-                reason: e.to_string(),
-            }),
+    async fn delete_secret(&mut self, name: String) -> Result<bool, ControlError> {
+        if !self.cluster.secrets.contains_key(&name) {
+            return Ok(false);
         }
+        self.staged = Some(Staged::delete(name));
+        let (w, r) = (
+            self.cluster.workloads.clone(),
+            self.cluster.rollouts.clone(),
+        );
+        let result = self.commit(w, Batch::default(), r).await;
+        self.staged = None;
+        result.map(|()| true)
     }
 
-    async fn incoming(&mut self, msg: Incoming) {
+    /// Takes in one message from the nodes; returns whether placement must
+    /// run again (the caller does it once per batch).
+    async fn incoming(&mut self, msg: Incoming) -> bool {
         let now = now_ms();
         match msg {
-            Incoming::Connected => self.republish_all().await,
+            Incoming::Connected => {
+                self.republish_all().await;
+                false
+            }
             Incoming::Presence { node, frame } => {
                 if frame.is_empty() {
-                    return; // a cleared retained message
+                    return false; // a cleared retained message
                 }
                 match decode::<Presence>(&frame) {
                     Ok(p) => {
@@ -519,119 +448,40 @@ impl ControlLoop {
                             was != Some(Readiness::Ready) && matches!(p, Presence::Online { .. });
                         self.dirty.insert(node);
                         // Replicas waiting for a Ready node may fit now.
-                        if back && !self.cluster.unschedulable.is_empty() {
-                            self.reschedule().await;
-                        }
+                        back && !self.cluster.unschedulable.is_empty()
                     }
-                    Err(e) => tracing::warn!(%node, "refusing presence: {e}"),
+                    Err(e) => {
+                        tracing::warn!(%node, "refusing presence: {e}");
+                        false
+                    }
                 }
             }
             Incoming::Status { node, frame } => {
                 if frame.is_empty() {
-                    return;
+                    return false;
                 }
                 let status = match decode::<NodeStatus>(&frame) {
                     Ok(s) if s.node == node => s,
                     Ok(s) => {
                         tracing::warn!(%node, claimed = %s.node, "refusing status published for another node");
-                        return;
+                        return false;
                     }
                     Err(e) => {
                         tracing::warn!(%node, "refusing status: {e}");
-                        return;
+                        return false;
                     }
                 };
                 let observed = status.observed_generation;
-                let outcome = self.cluster.fleet.ingest_status(status, now);
+                let outcome = self.cluster.fleet.ingest_frame(&status, frame, now);
                 if outcome == StatusOutcome::Stale {
-                    return;
+                    return false;
                 }
                 self.dirty.insert(node.clone());
                 let published = self.cluster.desired.get(&node).map_or(0, |d| d.generation);
-                if outcome == StatusOutcome::Relabelled || observed > published {
-                    self.reschedule().await;
-                }
+                outcome == StatusOutcome::Relabelled || observed > published
             }
         }
     }
-
-    /// Places every workload again and publishes the nodes whose pods changed.
-    async fn reschedule(&mut self) {
-        let c = &self.cluster;
-        let (changed, unschedulable) = c.plan(&c.workloads, &c.templates, &c.rollouts, now_ms());
-        self.cluster.unschedulable = unschedulable;
-        if changed.is_empty() {
-            return;
-        }
-        let result = async {
-            let (states, frames) = frames(&changed)?;
-            self.write(Batch {
-                put_desired: states,
-                ..Batch::default()
-            })
-            .await?;
-            Ok::<_, ControlError>(frames)
-        }
-        .await;
-        match result {
-            Ok(frames) => self.install(changed, frames).await,
-            Err(e) => tracing::error!("updating desired state: {e}"),
-        }
-    }
-
-    /// After (re)connecting: the broker may have lost its retained messages.
-    async fn republish_all(&mut self) {
-        tracing::info!(
-            nodes = self.cluster.desired.len(),
-            "republishing every node's desired state"
-        );
-        for (node, desired) in &self.cluster.desired {
-            match encode(&desired.to_state(node)) {
-                Ok(frame) => {
-                    if let Err(e) = self.mqtt.publish_desired(node, frame).await {
-                        tracing::error!(%node, "republishing: {e}");
-                    }
-                }
-                Err(e) => tracing::error!(%node, "republishing: {e}"),
-            }
-        }
-    }
-
-    async fn flush(&mut self) {
-        if self.dirty.is_empty() {
-            return;
-        }
-        let mut batch = Batch::default();
-        for name in std::mem::take(&mut self.dirty) {
-            if let Some(node) = self.cluster.fleet.get(&name) {
-                if let Some(status) = &node.status {
-                    batch.put_status.push(status.clone());
-                }
-                batch.put_last_seen.push((name, node.last_seen_ms));
-            }
-        }
-        if let Err(e) = self.write(batch).await {
-            tracing::error!("saving node statuses: {e}");
-        }
-    }
-}
-
-/// The wire states of `changed` and their frames, or why one is too large.
-fn frames(
-    changed: &[(String, NodeDesired)],
-) -> Result<(Vec<DesiredState>, Vec<Vec<u8>>), ControlError> {
-    let mut states = Vec::with_capacity(changed.len());
-    let mut frames = Vec::with_capacity(changed.len());
-    for (node, desired) in changed {
-        let state = desired.to_state(node);
-        let frame = encode(&state).map_err(|e| ControlError::TooLarge {
-            node: node.clone(),
-            reason: e.to_string(),
-        })?;
-        states.push(state);
-        frames.push(frame);
-    }
-    Ok((states, frames))
 }
 
 /// Milliseconds since the Unix epoch.

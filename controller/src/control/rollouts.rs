@@ -6,7 +6,7 @@
 use std::collections::BTreeSet;
 
 use crate::fleet::Readiness;
-use crate::rollout::{self, RolloutError, Step};
+use crate::rollout::{self, Fetched, RolloutError, Seen, Step};
 use crate::store::Batch;
 
 use super::{ControlError, ControlLoop};
@@ -43,16 +43,39 @@ impl ControlLoop {
             .map(|(node, _)| node.clone())
             .collect();
         let fleet = &self.cluster.fleet;
+        let template = self.cluster.templates.get(name).cloned();
         let Some(state) = self.cluster.rollouts.get_mut(name) else {
             return;
         };
+        let images = match (&template, strategy.prefetch) {
+            (Some(t), true) => rollout::prefetch_images(t, &state.stable),
+            _ => Vec::new(),
+        };
         let before = state.rollout.clone();
         state.rollout.follow(&placed);
-        let step = state.rollout.step(&strategy, now, |node, switch| {
+        let seen = |node: &str, switch: &rollout::Switch| {
             let n = fleet.get(node);
+            if n.is_none_or(|n| n.readiness == Readiness::Unknown) {
+                return Seen::Unknown;
+            }
             let connected = n.is_some_and(|n| n.readiness == Readiness::Ready);
-            rollout::seen(n.and_then(|n| n.status.as_ref()), connected, name, switch)
-        });
+            rollout::seen(n.and_then(|n| n.status()).as_ref(), connected, name, switch)
+        };
+        let fetched = |node: &str| {
+            if images.is_empty() {
+                return Fetched::Ready;
+            }
+            match fleet.get(node) {
+                None => Fetched::Unknown,
+                Some(n) if n.readiness == Readiness::Unknown => Fetched::Unknown,
+                Some(n) if n.readiness != Readiness::Ready => Fetched::Offline,
+                Some(n) => match rollout::prefetched(n.status().as_ref(), &images) {
+                    true => Fetched::Ready,
+                    false => Fetched::NotYet,
+                },
+            }
+        };
+        let step = state.rollout.step_with(&strategy, now, seen, fetched);
         if step == Step::Idle && state.rollout == before {
             return;
         }
@@ -77,6 +100,16 @@ impl ControlLoop {
                 if let Err(e) = result {
                     tracing::error!(workload = %name, "rolling back: {e}");
                 }
+            }
+            Step::Prefetching => {
+                let nodes = self
+                    .cluster
+                    .rollouts
+                    .get(name)
+                    .map(|s| s.rollout.prefetching.len());
+                tracing::info!(workload = %name, to, wave, ?nodes, "nodes prefetching the new revision's images");
+                self.save_rollout(name).await;
+                self.reschedule().await;
             }
             Step::Switched | Step::Complete => {
                 tracing::info!(workload = %name, from, to, wave, complete = step == Step::Complete, "rollout moving");

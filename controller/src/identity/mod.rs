@@ -7,7 +7,11 @@
 //! updates after it is committed.
 
 pub mod api;
+pub mod api_tokens;
+pub mod ca;
+pub mod certs;
 pub mod cli;
+pub mod sealing;
 pub mod signing;
 
 use std::collections::HashMap;
@@ -62,6 +66,18 @@ pub enum IdentityError {
     /// A token was asked with zero uses.
     #[error("token uses: 0, expected at least 1")]
     ZeroUses,
+    /// The fleet CA could not issue a certificate.
+    #[error(transparent)]
+    Certificate(#[from] ca::CaError),
+    /// The join's proof of possession does not verify with its public key.
+    #[error("join proof: not a signature of the token, node name and public key by that key")]
+    BadProof,
+    /// A certificate was asked of a controller whose broker has no TLS.
+    #[error("this controller issues no certificates: its broker has no tls listener")]
+    NoTls,
+    /// A renewal request was refused.
+    #[error("renewal refused: {0}")]
+    RenewRefused(&'static str),
 }
 
 fn db_err<E: Into<redb::Error>>(op: &'static str) -> impl FnOnce(E) -> IdentityError {
@@ -83,7 +99,7 @@ pub struct NewToken {
 }
 
 /// What a successful join hands the device.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct Enrolled {
     /// MQTT username (the node name).
     pub username: String,
@@ -91,6 +107,8 @@ pub struct Enrolled {
     pub password: String,
     /// Labels the token carried.
     pub labels: Vec<(String, String)>,
+    /// The device's certificate, when it joined with a key.
+    pub certificate: Option<certs::DeviceCert>,
 }
 
 /// Who a connecting MQTT client is.
@@ -118,6 +136,8 @@ pub struct Identity {
     controller_hash: [u8; 32],
     controller_password: String,
     allow_anonymous: bool,
+    certs: certs::CertState,
+    sealing_keys: sealing::SealingKeys,
 }
 
 /// The MQTT username of the controller's own session; never a node name
@@ -170,12 +190,16 @@ impl Identity {
             }
         }
         let controller_password = random_secret("")?;
+        let certs = certs::CertState::load(&db)?;
+        let sealing_keys = sealing::SealingKeys::load(&db)?;
         Ok(Arc::new(Self {
             db,
             credentials: RwLock::new(credentials),
             controller_hash: sha256(controller_password.as_bytes()),
             controller_password,
             allow_anonymous,
+            certs,
+            sealing_keys,
         }))
     }
 
@@ -222,6 +246,21 @@ impl Identity {
     /// Consumes one use of `token` and gives `node` a new MQTT credential
     /// (replacing and un-revoking any earlier one). Blocking.
     pub fn join(&self, token: &str, node: &str) -> Result<Enrolled, IdentityError> {
+        self.join_with_key(token, node, None)
+    }
+
+    /// [`Identity::join`], and with `key` (a public key whose proof the
+    /// caller checked) a certificate for it; the device then has no usable
+    /// password. Blocking.
+    pub fn join_with_key(
+        &self,
+        token: &str,
+        node: &str,
+        device_key: Option<&ca::P256PublicKey>,
+    ) -> Result<Enrolled, IdentityError> {
+        if device_key.is_some() && !self.issues_certificates() {
+            return Err(IdentityError::NoTls);
+        }
         check_name(node).map_err(|error| IdentityError::NodeName {
             name: node.to_owned(),
             error,
@@ -261,7 +300,14 @@ impl Identity {
                 .map_err(db_err("insert"))?;
             labels
         };
+        let certificate = match device_key {
+            Some(key) => Some(self.issue_at_join(&tx, node, key)?),
+            None => None,
+        };
         tx.commit().map_err(db_err("commit"))?;
+        if let Some(cert) = &certificate {
+            self.remember_cert(cert, node);
+        }
         self.cache(
             node,
             Credential {
@@ -271,7 +317,14 @@ impl Identity {
         );
         Ok(Enrolled {
             username: node.to_owned(),
-            password,
+            // A device with a certificate always uses TLS: its password is
+            // stored hashed but never handed out.
+            password: if certificate.is_some() {
+                String::new()
+            } else {
+                password
+            },
+            certificate,
             labels: labels
                 .split(',')
                 .filter_map(|kv| kv.split_once('='))
@@ -283,6 +336,7 @@ impl Identity {
     /// Refuses `node`'s credential from now on. Blocking.
     pub fn revoke(&self, node: &str) -> Result<(), IdentityError> {
         let tx = self.db.begin_write().map_err(db_err("begin"))?;
+        let certs = Self::revoke_certs(&tx, node)?;
         let hash = {
             let mut table = tx.open_table(CREDENTIALS).map_err(db_err("open table"))?;
             let hash = match table.get(node).map_err(db_err("read"))? {
@@ -295,6 +349,7 @@ impl Identity {
             hash
         };
         tx.commit().map_err(db_err("commit"))?;
+        self.forget_certs(&certs);
         if let Ok(hash) = <[u8; 32]>::try_from(hash.as_slice()) {
             self.cache(
                 node,
@@ -304,6 +359,7 @@ impl Identity {
                 },
             );
         }
+        self.certs.announce_revoked(node);
         Ok(())
     }
 
@@ -329,6 +385,12 @@ impl Identity {
         let hash = sha256(password);
         if username == CONTROLLER_USERNAME {
             return same(&hash, &self.controller_hash).then_some(Principal::Controller);
+        }
+        if self.is_gate(&hash) {
+            // The TLS front vouches for the node its certificate names.
+            return self
+                .is_active(username)
+                .then(|| Principal::Device(username.to_owned()));
         }
         let map = self
             .credentials

@@ -29,6 +29,7 @@ impl Workload {
             "kind": KIND,
             "metadata": {
                 "name": self.name,
+                "namespace": self.namespace,
                 "labels": string_map(&self.labels),
             },
             "spec": {
@@ -56,6 +57,10 @@ impl Workload {
         if let Some(strategy) = &self.spec.strategy {
             out["spec"]["strategy"] = strategy_json(strategy);
         }
+        if !self.spec.image_pull_secrets.is_empty() {
+            let names = self.spec.image_pull_secrets.iter();
+            out["spec"]["imagePullSecrets"] = names.map(|s| json!({"name": s.name})).collect();
+        }
         out
     }
 }
@@ -74,6 +79,8 @@ fn strategy_json(s: &Strategy) -> Value {
         "healthySeconds": s.healthy_secs,
         "failureThreshold": amount(s.failure_threshold),
         "progressDeadlineSeconds": s.progress_deadline_secs,
+        "prefetch": s.prefetch,
+        "prefetchTimeoutSeconds": s.prefetch_timeout_secs,
     })
 }
 
@@ -140,6 +147,9 @@ fn container(c: &ContainerSpec, requests: Option<&Requests>) -> Value {
                 map.insert(key.into(), probe(p));
             }
         }
+        if let Some(s) = &c.security_context {
+            map.insert("securityContext".into(), super::security::to_json(s));
+        }
     }
     out
 }
@@ -165,6 +175,30 @@ fn volume(v: &Volume) -> Value {
                 })
                 .collect();
             json!({"name": v.name, "config": {"files": files}})
+        }
+        VolumeSource::Secret {
+            items,
+            default_mode,
+            sealed,
+        } => {
+            let items: Vec<Value> = items
+                .iter()
+                .map(|i| {
+                    let mut out = json!({"key": i.key, "path": i.path});
+                    if let Some(mode) = i.mode {
+                        out["mode"] = Value::String(format!("{mode:04o}"));
+                    }
+                    out
+                })
+                .collect();
+            let mut secret = json!({
+                "secretName": sealed.name,
+                "defaultMode": format!("{default_mode:04o}"),
+            });
+            if !items.is_empty() {
+                secret["items"] = Value::Array(items);
+            }
+            json!({"name": v.name, "secret": secret})
         }
     }
 }

@@ -27,10 +27,19 @@
 //! - Probes take `exec`, `tcpSocket` or `httpGet` with numeric ports only
 //!   (pods use the host's network, so there are no named ports); `httpGet`
 //!   has no `host`, `scheme` or headers: it asks 127.0.0.1 over plain HTTP.
+//! - `securityContext` takes `privileged`, `capabilities: {add, drop}`
+//!   (names with or without `CAP_`, any case, or `ALL`; stored upper case
+//!   without `CAP_`), `seccompProfile: {type: RuntimeDefault | Unconfined}`
+//!   and `readOnlyRootFilesystem`; one that asks for nothing beyond the
+//!   default is no security context at all. Whether the workload's
+//!   namespace grants what it asks is decided at apply, against the
+//!   stored namespaces ([`namespace`]), not here.
 
 mod canonical;
 mod load;
+pub mod namespace;
 mod quantity;
+pub mod security;
 mod validate;
 
 #[cfg(test)]
@@ -39,6 +48,10 @@ mod tests;
 mod tests_pod;
 #[cfg(test)]
 mod tests_scheduling;
+#[cfg(test)]
+mod tests_secret;
+#[cfg(test)]
+mod tests_security;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -93,6 +106,10 @@ pub const MAX_REPORTED_ERRORS: usize = 1000;
 pub struct Workload {
     /// Unique name (a DNS label).
     pub name: String,
+    /// The namespace whose policy decides which privileges its containers
+    /// may ask for (`default` when the manifest names none). Not part of
+    /// the name: names stay unique across namespaces.
+    pub namespace: String,
     /// Labels, checked with the proto's label rules.
     pub labels: BTreeMap<String, String>,
     /// What to run and where.
@@ -120,6 +137,9 @@ pub struct WorkloadSpec {
     pub scheduling: Scheduling,
     /// How a new revision reaches the nodes; `None`: all at once.
     pub strategy: Option<Strategy>,
+    /// Secrets with registry credentials for the pods' pulls, as unsealed
+    /// references (sealed per node when a desired state is encoded).
+    pub image_pull_secrets: Vec<flotilla_proto::SealedSecret>,
 }
 
 /// A number of nodes, or a percentage of them.
@@ -156,12 +176,20 @@ pub struct Strategy {
     pub failure_threshold: Amount,
     /// A node not healthy this long after it switched has failed.
     pub progress_deadline_secs: u32,
+    /// A wave's nodes download the new revision's images first, their pods
+    /// unchanged, and each switches once it has them.
+    pub prefetch: bool,
+    /// A node still downloading this long switches anyway (and pulls as
+    /// it would without a prefetch).
+    pub prefetch_timeout_secs: u32,
 }
 
 /// Defaults of a strategy's fields.
 pub const DEFAULT_HEALTHY_SECS: u32 = 30;
 /// Seconds a node has to become healthy, by default.
 pub const DEFAULT_PROGRESS_DEADLINE_SECS: u32 = 300;
+/// Seconds a node may spend downloading before it switches anyway, by default.
+pub const DEFAULT_PREFETCH_TIMEOUT_SECS: u32 = 1800;
 
 /// What a container asks the scheduler to reserve on its node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -235,6 +263,7 @@ impl Workload {
             && a.termination_grace_secs == b.termination_grace_secs
             && a.volumes == b.volumes
             && a.containers == b.containers
+            && a.image_pull_secrets == b.image_pull_secrets
     }
 
     /// The pod this workload runs, under the name placement gave it.
@@ -246,6 +275,7 @@ impl Workload {
             termination_grace_secs: self.spec.termination_grace_secs,
             volumes: self.spec.volumes.clone(),
             containers: self.spec.containers.clone(),
+            image_pull_secrets: self.spec.image_pull_secrets.clone(),
         }
     }
 }
@@ -299,10 +329,27 @@ impl fmt::Display for ManifestErrors {
 
 impl std::error::Error for ManifestErrors {}
 
+/// What a manifest holds: workloads and Secrets, each in document order.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Objects {
+    /// The workloads.
+    pub workloads: Vec<Workload>,
+    /// The Secrets (`kind: Secret`).
+    pub secrets: Vec<crate::secrets::Secret>,
+    /// The namespaces (`kind: Namespace`).
+    pub namespaces: Vec<namespace::Namespace>,
+}
+
 /// Reads and validates a manifest of one or more documents. Either every
 /// workload is valid and all are returned, in order, or nothing is and every
-/// problem found is returned.
+/// problem found is returned. Secrets in it are checked and left out: use
+/// [`parse_objects`] to get them.
 pub fn parse(text: &str) -> Result<Vec<Workload>, ManifestErrors> {
+    parse_objects(text).map(|o| o.workloads)
+}
+
+/// [`parse`], Secrets included.
+pub fn parse_objects(text: &str) -> Result<Objects, ManifestErrors> {
     let whole = |message: String| {
         ManifestErrors(vec![FieldError {
             document: 0,
@@ -320,6 +367,8 @@ pub fn parse(text: &str) -> Result<Vec<Workload>, ManifestErrors> {
     let mut report = Report::default();
     let mut workloads = Vec::new();
     let mut names: HashMap<String, usize> = HashMap::new();
+    let mut secrets = SecretDocs::default();
+    let mut namespaces = NamespaceDocs::default();
     let mut non_empty = 0;
     for doc in load::documents(text) {
         let value = match doc.value {
@@ -332,6 +381,14 @@ pub fn parse(text: &str) -> Result<Vec<Workload>, ManifestErrors> {
             }
         };
         non_empty += 1;
+        if validate::is_secret(&value) {
+            secrets.take(&value, doc.number, &mut report);
+            continue;
+        }
+        if validate::is_namespace(&value) {
+            namespaces.take(&value, doc.number, &mut report);
+            continue;
+        }
         let mut problems = validate::Problems::with_room(report.room());
         let workload = validate::workload(&value, &mut problems);
         let valid = problems.is_empty();
@@ -364,7 +421,11 @@ pub fn parse(text: &str) -> Result<Vec<Workload>, ManifestErrors> {
         dropped,
     } = report;
     if errors.is_empty() && dropped == 0 {
-        return Ok(workloads);
+        return Ok(Objects {
+            workloads,
+            secrets: secrets.valid,
+            namespaces: namespaces.valid,
+        });
     }
     for e in &mut errors {
         e.multi_document = non_empty > 1;
@@ -378,6 +439,72 @@ pub fn parse(text: &str) -> Result<Vec<Workload>, ManifestErrors> {
         });
     }
     Err(ManifestErrors(errors))
+}
+
+/// The Secret documents of an input: the valid ones, and every name seen.
+#[derive(Default)]
+struct SecretDocs {
+    valid: Vec<crate::secrets::Secret>,
+    names: HashMap<String, usize>,
+}
+
+impl SecretDocs {
+    fn take(&mut self, value: &serde_norway::Value, number: usize, report: &mut Report) {
+        let mut problems = validate::Problems::with_room(report.room());
+        let secret = validate::secret(value, &mut problems);
+        let valid = problems.is_empty();
+        report.dropped += problems.dropped;
+        for p in problems.list {
+            report.push(number, p.path, p.message);
+        }
+        if !secret.name.is_empty() {
+            if let Some(first) = self.names.get(&secret.name) {
+                let message = format!(
+                    "duplicate secret name {:?} (also in document {first})",
+                    secret.name
+                );
+                report.push(number, "metadata.name".into(), message);
+                return;
+            }
+            self.names.insert(secret.name.clone(), number);
+        }
+        if valid {
+            self.valid.push(secret);
+        }
+    }
+}
+
+/// The namespace documents of an input: the valid ones, and every name seen.
+#[derive(Default)]
+struct NamespaceDocs {
+    valid: Vec<namespace::Namespace>,
+    names: HashMap<String, usize>,
+}
+
+impl NamespaceDocs {
+    fn take(&mut self, value: &serde_norway::Value, number: usize, report: &mut Report) {
+        let mut problems = validate::Problems::with_room(report.room());
+        let ns = validate::namespace(value, &mut problems);
+        let valid = problems.is_empty();
+        report.dropped += problems.dropped;
+        for p in problems.list {
+            report.push(number, p.path, p.message);
+        }
+        if !ns.name.is_empty() {
+            if let Some(first) = self.names.get(&ns.name) {
+                let message = format!(
+                    "duplicate namespace name {:?} (also in document {first})",
+                    ns.name
+                );
+                report.push(number, "metadata.name".into(), message);
+                return;
+            }
+            self.names.insert(ns.name.clone(), number);
+        }
+        if valid {
+            self.valid.push(ns);
+        }
+    }
 }
 
 /// The problems of a whole input, kept up to [`MAX_REPORTED_ERRORS`].

@@ -29,6 +29,7 @@ fn container(name: &str, image: &str) -> ContainerSpec {
 fn workload(name: &str, containers: Vec<ContainerSpec>) -> Workload {
     Workload {
         name: name.into(),
+        namespace: "default".into(),
         labels: BTreeMap::new(),
         spec: WorkloadSpec {
             node_selector: BTreeMap::new(),
@@ -39,6 +40,7 @@ fn workload(name: &str, containers: Vec<ContainerSpec>) -> Workload {
             requests: BTreeMap::new(),
             scheduling: Scheduling::default(),
             strategy: None,
+            image_pull_secrets: Vec::new(),
         },
     }
 }
@@ -53,6 +55,7 @@ fn map(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
 fn full() -> Workload {
     Workload {
         name: "web".into(),
+        namespace: "default".into(),
         labels: map(&[("app", "web"), ("flotilla.dev/tier", "front")]),
         spec: WorkloadSpec {
             node_selector: map(&[("site", "shop12")]),
@@ -95,6 +98,7 @@ fn full() -> Workload {
             requests: BTreeMap::new(),
             scheduling: Scheduling::default(),
             strategy: None,
+            image_pull_secrets: Vec::new(),
         },
     }
 }
@@ -710,7 +714,7 @@ fn canonical_json_spells_out_every_field() {
     let expected = serde_json::json!({
         "apiVersion": "flotilla.dev/v1",
         "kind": "Workload",
-        "metadata": {"name": "web", "labels": {"app": "web", "flotilla.dev/tier": "front"}},
+        "metadata": {"name": "web", "namespace": "default", "labels": {"app": "web", "flotilla.dev/tier": "front"}},
         "spec": {
             "nodeSelector": {"site": "shop12"},
             "everyNode": true,
@@ -771,6 +775,7 @@ fn pod_spec_copies_the_containers() {
             termination_grace_secs: 30,
             volumes: vec![],
             containers: w.spec.containers.clone(),
+            image_pull_secrets: Vec::new(),
         }
     );
 }

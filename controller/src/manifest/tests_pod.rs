@@ -202,13 +202,13 @@ fn refuses_bad_volumes_mounts_and_probes_naming_each_problem() {
                 "spec.volumes[2].name: \"B_\" is not a valid name: \
                  character 'B' at position 0 is not allowed"
                     .into(),
-                "spec.volumes[3]: expected one of hostPath, emptyDir, config".into(),
-                "spec.volumes[4]: only one of hostPath, emptyDir, config may be given, \
+                "spec.volumes[3]: expected one of hostPath, emptyDir, config, secret".into(),
+                "spec.volumes[4]: only one of hostPath, emptyDir, config, secret may be given, \
                  found hostPath and emptyDir"
                     .into(),
                 "spec.volumes[5].emptyDir.medium: unknown field".into(),
                 "spec.volumes[6].nfs: unknown field".into(),
-                "spec.volumes[6]: expected one of hostPath, emptyDir, config".into(),
+                "spec.volumes[6]: expected one of hostPath, emptyDir, config, secret".into(),
             ],
         ),
         (

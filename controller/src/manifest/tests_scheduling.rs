@@ -200,7 +200,8 @@ fn a_strategy_reads_counts_and_percentages() {
     let w = parsed(&manifest(
         "web",
         "strategy:\n  waves: [1, 10%, '50%']\n  maxUnavailable: 25%\n  healthySeconds: 5\n  \
-         failureThreshold: 2\n  progressDeadlineSeconds: 60",
+         failureThreshold: 2\n  progressDeadlineSeconds: 60\n  prefetch: true\n  \
+         prefetchTimeoutSeconds: 600",
         "",
     ));
     assert_eq!(
@@ -211,6 +212,8 @@ fn a_strategy_reads_counts_and_percentages() {
             healthy_secs: 5,
             failure_threshold: Amount::Count(2),
             progress_deadline_secs: 60,
+            prefetch: true,
+            prefetch_timeout_secs: 600,
         })
     );
     let json = w.to_json().to_string();
@@ -226,6 +229,8 @@ fn a_strategy_reads_counts_and_percentages() {
             healthy_secs: DEFAULT_HEALTHY_SECS,
             failure_threshold: Amount::Count(1),
             progress_deadline_secs: DEFAULT_PROGRESS_DEADLINE_SECS,
+            prefetch: false,
+            prefetch_timeout_secs: DEFAULT_PREFETCH_TIMEOUT_SECS,
         })
     );
     assert_eq!(Amount::Percent(10).of(25), 3);
@@ -235,7 +240,7 @@ fn a_strategy_reads_counts_and_percentages() {
     assert_eq!(
         refused(&manifest(
             "web",
-            "strategy:\n  waves: [0, 101%, x, true]\n  surge: 1",
+            "strategy:\n  waves: [0, 101%, x, true]\n  surge: 1\n  prefetch: 1",
             ""
         )),
         [
@@ -244,6 +249,7 @@ fn a_strategy_reads_counts_and_percentages() {
             "spec.strategy.waves[1]: \"101%\" is not valid: expected a node count or a percentage from 1% to 100%",
             "spec.strategy.waves[2]: \"x\" is not valid: expected a node count or a percentage from 1% to 100%",
             "spec.strategy.waves[3]: expected a node count or a percentage like \"10%\", found a boolean",
+            "spec.strategy.prefetch: expected true or false, found a number",
         ]
     );
 }

@@ -1,8 +1,11 @@
 //! Checking one manifest document, read as a YAML value, into a `Workload`,
 //! recording every problem with the path of the field it concerns.
 
+mod namespace;
 mod placement;
 mod probes;
+mod secret;
+mod security;
 mod volumes;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -12,7 +15,9 @@ use flotilla_proto::{
 };
 use serde_norway::{Mapping, Value};
 
+pub use self::namespace::{is_namespace, namespace};
 use self::probes::ProbeKind;
+pub use self::secret::{is_secret, secret};
 use self::volumes::Declared;
 use super::quantity::{parse_cpu, parse_memory};
 use super::{
@@ -63,6 +68,7 @@ pub fn workload(doc: &Value, problems: &mut Problems) -> Workload {
     let mut c = Check { problems };
     let mut w = Workload {
         name: String::new(),
+        namespace: super::namespace::DEFAULT_NAMESPACE.to_owned(),
         labels: BTreeMap::new(),
         spec: WorkloadSpec {
             node_selector: BTreeMap::new(),
@@ -73,6 +79,7 @@ pub fn workload(doc: &Value, problems: &mut Problems) -> Workload {
             requests: BTreeMap::new(),
             scheduling: Scheduling::default(),
             strategy: None,
+            image_pull_secrets: Vec::new(),
         },
     };
     let Some(root) = c.map("", doc, &["apiVersion", "kind", "metadata", "spec"]) else {
@@ -102,10 +109,17 @@ pub fn workload(doc: &Value, problems: &mut Problems) -> Workload {
         return w;
     }
     if let Some(meta) = c.required("", root, "metadata") {
-        if let Some(meta) = c.map("metadata", meta, &["name", "labels"]) {
+        if let Some(meta) = c.map("metadata", meta, &["name", "namespace", "labels"]) {
             if let Some(name) = c.required_str("metadata", meta, "name") {
                 if c.name("metadata.name", name) {
                     w.name = name.to_owned();
+                }
+            }
+            if let Some(ns) = optional(meta, "namespace") {
+                if let Some(ns) = c.str("metadata.namespace", ns) {
+                    if c.name("metadata.namespace", ns) {
+                        w.namespace = ns.to_owned();
+                    }
                 }
             }
             w.labels = c.labels("metadata.labels", optional(meta, "labels"));
@@ -124,6 +138,7 @@ pub fn workload(doc: &Value, problems: &mut Problems) -> Workload {
             "spreadBy",
             "tolerationSeconds",
             "strategy",
+            "imagePullSecrets",
         ];
         if let Some(spec) = c.map("spec", spec, &fields) {
             w.spec = c.spec(spec);
@@ -385,6 +400,7 @@ impl Check<'_> {
             requests,
             scheduling,
             strategy,
+            image_pull_secrets: self.image_pull_secrets(optional(spec, "imagePullSecrets")),
         }
     }
 
@@ -406,6 +422,7 @@ impl Check<'_> {
             "livenessProbe",
             "readinessProbe",
             "startupProbe",
+            "securityContext",
         ];
         let m = self.map(path, v, &fields)?;
         let mut c = ContainerSpec::new(String::new(), String::new());
@@ -450,6 +467,8 @@ impl Check<'_> {
         c.liveness_probe = probe("livenessProbe", ProbeKind::Liveness);
         c.readiness_probe = probe("readinessProbe", ProbeKind::Readiness);
         c.startup_probe = probe("startupProbe", ProbeKind::Startup);
+        c.security_context = optional(m, "securityContext")
+            .and_then(|v| self.security_context(&field(path, "securityContext"), v));
         Some((c, requests))
     }
 

@@ -1,8 +1,10 @@
-//! Garbage collection of the image store: removes unpacked images, blobs
-//! (and partial downloads) and reference records that no kept reference
-//! needs. Kept are the references of the current desired state and of the
-//! previous, different, set (so a rollback needs no download; both lists
-//! are kept on disk in `gc-keep`), and imported images.
+//! Garbage collection of the image store: removes unpacked images, the
+//! unpacked layers no remaining image lists, blobs (and partial downloads)
+//! and reference records that no kept reference needs. Kept are the
+//! references of the current desired state and of the previous, different,
+//! set (so a rollback needs no download; both lists are kept on disk in
+//! `gc-keep`), imported images, and images a container still uses (a lease
+//! whose bundle exists), with their layers.
 
 use std::collections::HashSet;
 use std::fs;
@@ -10,6 +12,7 @@ use std::io::{self, Read, Write};
 use std::path::Path;
 
 use super::ImageError;
+use super::layers;
 use super::layout::{self, Digest};
 use super::reference::{Reference, Source};
 use super::store::ImageStore;
@@ -25,6 +28,8 @@ const MAX_DEPTH: usize = 6;
 pub struct GcReport {
     /// Unpacked images removed.
     pub images: usize,
+    /// Unpacked layers removed.
+    pub layers: usize,
     /// Blobs (and partial downloads) removed.
     pub blobs: usize,
     /// Bytes of blobs removed.
@@ -107,19 +112,39 @@ impl ImageStore {
             ran: true,
             ..GcReport::default()
         };
+        // Layers listed by the images that stay.
+        let mut kept_layers: HashSet<String> = HashSet::new();
         for entry in fs::read_dir(&root).map_err(store_err("reading", &root))? {
             let entry = entry.map_err(store_err("reading", &root))?;
             let name = entry.file_name();
             let Some(hex) = name.to_str().and_then(|n| n.strip_prefix("sha256-")) else {
                 continue;
             };
-            if live.contains(hex) {
+            let path = entry.path();
+            if live.contains(hex) || layers::in_use(&path) {
+                kept_layers
+                    .extend(layers::read_list(&path.join(layers::LIST_FILE)).unwrap_or_default());
                 continue;
             }
-            let path = entry.path();
             tracing::info!(image = %format!("sha256:{hex}"), "removing unused unpacked image");
             fs::remove_dir_all(&path).map_err(store_err("removing", &path))?;
             report.images += 1;
+        }
+        let layers_dir = root.join(layers::LAYERS_DIR);
+        let entries = match fs::read_dir(&layers_dir) {
+            Ok(entries) => entries.collect::<Result<Vec<_>, _>>(),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Vec::new()),
+            Err(e) => Err(e),
+        };
+        for entry in entries.map_err(store_err("reading", &layers_dir))? {
+            let name = entry.file_name();
+            if name.to_str().is_some_and(|n| kept_layers.contains(n)) {
+                continue;
+            }
+            let path = entry.path();
+            tracing::info!(layer = %path.display(), "removing unused unpacked layer");
+            fs::remove_dir_all(&path).map_err(store_err("removing", &path))?;
+            report.layers += 1;
         }
         let blobs = self.blobs.dir().to_owned();
         for entry in fs::read_dir(&blobs).map_err(store_err("reading", &blobs))? {
@@ -136,9 +161,10 @@ impl ImageStore {
             report.blobs += 1;
             report.blob_bytes += len;
         }
-        if report.images > 0 || report.blobs > 0 {
+        if report.images > 0 || report.layers > 0 || report.blobs > 0 {
             tracing::info!(
                 images = report.images,
+                layers = report.layers,
                 blobs = report.blobs,
                 bytes = report.blob_bytes,
                 "image garbage collected"

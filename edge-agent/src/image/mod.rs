@@ -9,7 +9,8 @@
 //! and `oci-archive:/path/to/file.tar[:tag]`.
 //!
 //! Submodules: `reference` parses references, `settings` reads the
-//! registries file, `registry` and `auth` talk to registries, `pull` drives a
+//! registries file, `registry` and `auth` talk to registries (with a pod's
+//! pull secrets, `PullSecrets`, for that pod's pulls), `pull` drives a
 //! pull, `blobs` keeps verified blobs, `refs` what references resolved to,
 //! `archive` extracts archives, `layout` reads layouts and the blob store
 //! (verifying every blob), `unpack` applies layers safely, `store` keeps
@@ -22,7 +23,9 @@ mod auth;
 mod blobs;
 mod gc;
 mod import;
+pub mod layers;
 mod layout;
+mod oci;
 mod pull;
 mod reference;
 mod refs;
@@ -37,6 +40,7 @@ use std::path::PathBuf;
 
 use sha2::{Digest as _, Sha256};
 
+pub use auth::{PullSecretError, PullSecrets};
 pub use flotilla_proto::PullProgress;
 pub use gc::GcReport;
 pub use import::ImportReport;
@@ -64,7 +68,8 @@ pub struct ImageConfig {
 pub struct Image {
     /// Digest of the image manifest, `sha256:…`.
     pub digest: String,
-    /// The unpacked root filesystem; never written to by containers.
+    /// The root filesystem, never written to by containers: the image's
+    /// layer list in the store (see [`layers`]), or a plain directory.
     pub rootfs: PathBuf,
     /// How to run it.
     pub config: ImageConfig,
@@ -80,6 +85,13 @@ pub trait PullObserver: Sync {
     /// soon after, keeping what it downloaded for the next one.
     fn cancelled(&self) -> bool {
         false
+    }
+    /// A token cancelled when [`PullObserver::cancelled`] turns true, if
+    /// the observer has one: the pull then closes its connections the
+    /// moment it is cancelled, rather than when a request in flight next
+    /// returns. Observers without one are asked between reads only.
+    fn cancel_token(&self) -> Option<&tokio_util::sync::CancellationToken> {
+        None
     }
 }
 
@@ -110,20 +122,53 @@ impl PullObserver for WatchObserver {
     fn cancelled(&self) -> bool {
         self.cancel.is_cancelled()
     }
+
+    fn cancel_token(&self) -> Option<&tokio_util::sync::CancellationToken> {
+        Some(&self.cancel)
+    }
 }
 
 /// Where the reconciler gets images from: the real [`ImageStore`] on devices,
 /// [`FakeImages`] with the fake runtime.
 pub trait Images: Send + Sync + 'static {
     /// Makes `reference` ready to run and returns it, telling `observer` how
-    /// a download goes. Blocking (network, files): call from
-    /// `spawn_blocking`. Idempotent, and safe to call for the same reference
-    /// from several threads at once.
-    fn pull(&self, reference: &str, observer: &dyn PullObserver) -> Result<Image, ImageError>;
+    /// a download goes. A registry that asks for credentials gets `secrets`'
+    /// for its host first (a pod's image pull secrets: for that pod's pulls
+    /// only), then the registries file's. Blocking (network, files): call
+    /// from `spawn_blocking`. Idempotent, and safe to call for the same
+    /// reference from several threads at once: a blob is downloaded by one
+    /// pull at a time, the others waiting for it, and a pull cancelled
+    /// through its observer hands its partial download to them.
+    fn pull_with(
+        &self,
+        reference: &str,
+        secrets: &PullSecrets,
+        observer: &dyn PullObserver,
+    ) -> Result<Image, ImageError>;
+
+    /// [`Images::pull_with`] with the registries file's credentials only.
+    fn pull(&self, reference: &str, observer: &dyn PullObserver) -> Result<Image, ImageError> {
+        self.pull_with(reference, &PullSecrets::none(), observer)
+    }
 
     /// [`Images::pull`] with no one watching.
     fn ensure(&self, reference: &str) -> Result<Image, ImageError> {
         self.pull(reference, &NoObserver)
+    }
+
+    /// [`Images::pull`] for a prefetch: not counted by
+    /// [`Images::foreground_pulls`], so the prefetch can yield to pods.
+    fn pull_background(
+        &self,
+        reference: &str,
+        observer: &dyn PullObserver,
+    ) -> Result<Image, ImageError> {
+        self.pull(reference, observer)
+    }
+
+    /// How many pulls other than background ones run now.
+    fn foreground_pulls(&self) -> usize {
+        0
     }
 
     /// Removes images, blobs and records that none of `keep` (the image
@@ -281,7 +326,12 @@ impl ImageError {
 pub struct FakeImages;
 
 impl Images for FakeImages {
-    fn pull(&self, reference: &str, _: &dyn PullObserver) -> Result<Image, ImageError> {
+    fn pull_with(
+        &self,
+        reference: &str,
+        _: &PullSecrets,
+        _: &dyn PullObserver,
+    ) -> Result<Image, ImageError> {
         reference::Reference::parse(reference)?;
         // Stable per reference, so status and restarts behave as with real images.
         let digest = format!("sha256:{}", hex(&Sha256::digest(reference.as_bytes())));

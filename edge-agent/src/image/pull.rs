@@ -11,9 +11,9 @@ use std::time::{Duration, Instant};
 use super::blobs::BlobError;
 use super::layout::{BlobKind, Digest, Fetch, Layout, Resolved};
 use super::reference::{ImageName, Reference};
-use super::registry::{Endpoint, HttpError};
+use super::registry::{Connections, Endpoint, HttpError};
 use super::store::{ImageStore, io};
-use super::{Image, ImageError, PullObserver, PullProgress};
+use super::{Image, ImageError, PullObserver, PullProgress, PullSecrets};
 
 /// Attempts in a row that bring no new byte before a pull gives up (the
 /// pod's back-off tries again later, resuming).
@@ -30,15 +30,20 @@ pub(crate) fn pull(
     store: &ImageStore,
     r: &Reference,
     name: &ImageName,
+    secrets: &PullSecrets,
     observer: &dyn PullObserver,
 ) -> Result<Image, ImageError> {
     let canonical = name.to_string();
+    let connections = Connections::default();
+    let _watch = close_on_cancel(observer, &connections);
     let p = Pull {
         store,
         reference: &r.text,
         name,
         observer,
-        endpoints: store.client.endpoints(&name.registry),
+        endpoints: store
+            .client
+            .endpoints(&name.registry, secrets, &connections),
         preferred: Cell::new(0),
         progress: RefCell::new(Progress::default()),
     };
@@ -65,6 +70,28 @@ pub(crate) fn pull(
         tracing::warn!(image = %r.text, "recording the image's digest: {e}");
     }
     Ok(image)
+}
+
+/// Closes `connections` the moment `observer` is cancelled, when it has a
+/// cancel token and a runtime runs: a request waiting on a slow link would
+/// otherwise see the cancel only once it returns, its response crossing the
+/// link meanwhile for nobody, and the blob it holds locked from the pull
+/// that takes it over. Watches until the guard is dropped.
+fn close_on_cancel(
+    observer: &dyn PullObserver,
+    connections: &Connections,
+) -> Option<tokio_util::sync::DropGuard> {
+    let cancel = observer.cancel_token()?.clone();
+    let runtime = tokio::runtime::Handle::try_current().ok()?;
+    let done = tokio_util::sync::CancellationToken::new();
+    let (finished, connections) = (done.clone(), connections.clone());
+    runtime.spawn(async move {
+        tokio::select! {
+            () = cancel.cancelled() => connections.close(),
+            () = finished.cancelled() => {}
+        }
+    });
+    Some(done.drop_guard())
 }
 
 #[derive(Default)]
@@ -282,7 +309,12 @@ impl Pull<'_> {
                     self.sleep(delay)?;
                     delay = (delay * 2).min(RETRY_MAX);
                 }
-                Err(e) => return Err(self.http_error(e)),
+                Err(e) => {
+                    // Closing a cancelled pull's connections may fail its
+                    // request in any way.
+                    self.check_cancelled()?;
+                    return Err(self.http_error(e));
+                }
             }
         }
     }
@@ -308,6 +340,8 @@ impl Pull<'_> {
     /// Downloads blob `digest` into the store, resuming a partial download.
     fn download(&self, digest: &Digest, size: u64, kind: BlobKind) -> Result<(), ImageError> {
         let blobs = &self.store.blobs;
+        // A cancelled pull must not wait for the blob, nor lock it.
+        self.check_cancelled()?;
         // Waits while another pull downloads the same blob.
         let Some(mut partial) = blobs.begin(digest).map_err(|e| self.blob_error(e))? else {
             return Ok(());

@@ -11,10 +11,10 @@ use std::time::Duration;
 
 use ureq::tls::{Certificate, RootCerts, TlsConfig, TlsProvider};
 
-use super::auth::{self, Challenge};
+use super::auth::{self, Challenge, PullSecrets};
 use super::layout::{DOCKER_LIST, DOCKER_MANIFEST, MAX_JSON, OCI_INDEX, OCI_MANIFEST};
 use super::reference::DOCKER_HUB;
-use super::settings::{PullSettings, RegistrySettings};
+use super::settings::{Credentials, PullSettings, RegistrySettings};
 
 /// Time to connect (DNS, TCP, TLS).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(20);
@@ -36,7 +36,7 @@ pub(crate) enum HttpError {
     /// 404: the registry has no such manifest or blob.
     #[error("{0}")]
     NotFound(String),
-    /// 401 or 403 even with the configured credentials.
+    /// 401 or 403 even with every credential there is for the registry.
     #[error("{0}")]
     Unauthorized(String),
     /// Anything else: trying again would not help.
@@ -45,13 +45,52 @@ pub(crate) enum HttpError {
 }
 
 /// One registry to ask: the origin or a mirror.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub(crate) struct Endpoint {
     /// `host[:port]` as configured and as written in references.
     pub host: String,
     /// Base URL, `https://registry-1.docker.io`.
     base: String,
     settings: RegistrySettings,
+    /// Credentials to try in turn: the pod's pull secrets for this host,
+    /// then the registries file's; each labelled with where it came from.
+    credentials: Vec<(String, Credentials)>,
+    /// Keys the cached `Authorization` of this credential list.
+    auth_key: [u8; 32],
+    /// Pull secrets that could not be used, for a refusal's message.
+    problems: Vec<String>,
+    /// The pull's connections.
+    connections: Connections,
+}
+
+/// The connections of one pull, an HTTP agent per host. Closing them
+/// interrupts the pull's requests in flight at once, so that a cancelled
+/// pull neither keeps a slow link busy with a response nobody will read
+/// nor keeps the partial blob it holds from the pull that takes it over.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Connections(Arc<Mutex<Agents>>);
+
+#[derive(Debug, Default)]
+struct Agents {
+    by_host: HashMap<String, ureq::Agent>,
+    closed: bool,
+}
+
+impl Connections {
+    /// Closes every connection, now and for the pull's later requests.
+    pub fn close(&self) {
+        let agents = {
+            let mut a = self
+                .0
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            a.closed = true;
+            std::mem::take(&mut a.by_host)
+        };
+        for agent in agents.into_values() {
+            agent.shutdown();
+        }
+    }
 }
 
 /// A blob response positioned at `start`.
@@ -69,20 +108,22 @@ pub(crate) struct ManifestBody {
     pub media_type: Option<String>,
 }
 
+/// Host, repository and the fingerprint of the credentials tried there.
+type AuthKey = (String, String, [u8; 32]);
+
 /// The registry client. Cheap to share; tokens are cached per registry and
 /// repository.
 pub(crate) struct Client {
     settings: PullSettings,
-    agents: Mutex<HashMap<String, ureq::Agent>>,
-    /// `Authorization` values by (host, repository).
-    auth: Mutex<HashMap<(String, String), String>>,
+    /// `Authorization` values: what one pod's secrets opened is not used
+    /// for another.
+    auth: Mutex<HashMap<AuthKey, String>>,
 }
 
 impl Client {
     pub fn new(settings: PullSettings) -> Self {
         Self {
             settings,
-            agents: Mutex::default(),
             auth: Mutex::default(),
         }
     }
@@ -93,8 +134,14 @@ impl Client {
     }
 
     /// Where to look for images of `registry`: its mirrors in order, then
-    /// the registry itself.
-    pub fn endpoints(&self, registry: &str) -> Vec<Endpoint> {
+    /// the registry itself, each with the credentials to try there (`secrets`
+    /// for that host first), all over `connections`.
+    pub fn endpoints(
+        &self,
+        registry: &str,
+        secrets: &PullSecrets,
+        connections: &Connections,
+    ) -> Vec<Endpoint> {
         let origin = self.settings.registry(registry);
         origin
             .mirrors
@@ -109,10 +156,18 @@ impl Client {
                     host
                 };
                 let scheme = if settings.insecure { "http" } else { "https" };
+                let mut credentials = secrets.for_host(host);
+                if let Some(c) = &settings.credentials {
+                    credentials.push(("the registries file".to_owned(), c.clone()));
+                }
                 Endpoint {
                     host: host.to_owned(),
                     base: format!("{scheme}://{api}"),
+                    auth_key: auth::fingerprint(&credentials),
+                    credentials,
+                    problems: secrets.problems().to_vec(),
                     settings,
+                    connections: connections.clone(),
                 }
             })
             .collect()
@@ -207,8 +262,11 @@ impl Client {
         what: &str,
     ) -> Result<ureq::http::Response<ureq::Body>, HttpError> {
         let agent = self.agent(ep)?;
-        let key = (ep.host.clone(), repo.to_owned());
-        let mut answered = false;
+        let key = (ep.host.clone(), repo.to_owned(), ep.auth_key);
+        // The next credential to answer a challenge with; with none, one
+        // anonymous answer (a public image's bearer token).
+        let mut next = 0;
+        let answers = ep.credentials.len().max(1);
         loop {
             let mut request = agent.get(url);
             for (k, v) in headers {
@@ -222,29 +280,63 @@ impl Client {
             let status = response.status().as_u16();
             match status {
                 200 | 206 => return Ok(response),
-                401 if !answered => {
-                    answered = true;
+                401 if next < answers => {
+                    if let Ok(mut a) = self.auth.lock() {
+                        a.remove(&key);
+                    }
                     let challenge = response
                         .headers()
                         .get("www-authenticate")
                         .and_then(|v| v.to_str().ok())
                         .and_then(auth::parse_challenge);
-                    let value = self.answer(ep, repo, challenge, what)?;
-                    if let Ok(mut a) = self.auth.lock() {
-                        a.insert(key.clone(), value);
+                    let mut answer = None;
+                    while answer.is_none() && next < answers {
+                        let creds = ep.credentials.get(next);
+                        next += 1;
+                        match self.answer(ep, repo, challenge.clone(), creds, what) {
+                            Ok(value) => answer = Some(Ok(value)),
+                            // A token server refused these: the next ones.
+                            Err(e @ HttpError::Unauthorized(_)) if next < answers => {
+                                tracing::info!(registry = %ep.host, "{e}; trying the next credentials");
+                            }
+                            Err(e) => answer = Some(Err(e)),
+                        }
+                    }
+                    match answer {
+                        Some(Ok(value)) => {
+                            if let Ok(mut a) = self.auth.lock() {
+                                a.insert(key.clone(), value);
+                            }
+                        }
+                        Some(Err(HttpError::Unauthorized(m))) => {
+                            return Err(HttpError::Unauthorized(format!(
+                                "{m}{}",
+                                problems_note(&ep.problems)
+                            )));
+                        }
+                        Some(Err(e)) => return Err(e),
+                        None => {
+                            return Err(HttpError::Unauthorized(format!(
+                                "{what}: no credentials left to try"
+                            )));
+                        }
                     }
                 }
                 401 | 403 => {
                     if let Ok(mut a) = self.auth.lock() {
                         a.remove(&key);
                     }
-                    let how = if ep.settings.credentials.is_some() {
-                        "the configured credentials were refused"
-                    } else {
-                        "no credentials are configured for this registry"
+                    let how = match ep.credentials.as_slice() {
+                        [] => "no credentials are configured for this registry".to_owned(),
+                        tried => {
+                            let sources: Vec<&str> =
+                                tried.iter().map(|(s, _)| s.as_str()).collect();
+                            format!("the credentials were refused ({})", sources.join(", then "))
+                        }
                     };
                     return Err(HttpError::Unauthorized(format!(
-                        "{what}: {status} unauthorized: {how}"
+                        "{what}: {status} unauthorized: {how}{}",
+                        problems_note(&ep.problems)
                     )));
                 }
                 404 => return Err(HttpError::NotFound(format!("{what}: not found (404)"))),
@@ -256,15 +348,20 @@ impl Client {
         }
     }
 
-    /// The `Authorization` value that answers `challenge`.
+    /// The `Authorization` value that answers `challenge` with `creds`
+    /// (labelled with where they came from), or anonymously.
     fn answer(
         &self,
         ep: &Endpoint,
         repo: &str,
         challenge: Option<Challenge>,
+        creds: Option<&(String, Credentials)>,
         what: &str,
     ) -> Result<String, HttpError> {
-        let creds = ep.settings.credentials.as_ref();
+        let (source, creds) = match creds {
+            Some((source, c)) => (source.as_str(), Some(c)),
+            None => ("", None),
+        };
         match challenge {
             Some(Challenge::Basic) => match creds {
                 Some(c) => Ok(auth::basic(&c.username, &c.password)),
@@ -286,12 +383,7 @@ impl Client {
                 // Credentials travel to a plain-HTTP realm only from a
                 // registry the operator already talks to in plain HTTP.
                 let realm_safe = realm.starts_with("https://") || ep.settings.insecure;
-                let token_ep = Endpoint {
-                    host: ep.host.clone(),
-                    base: String::new(),
-                    settings: ep.settings.clone(),
-                };
-                let agent = self.agent(&token_ep)?;
+                let agent = self.agent(ep)?;
                 let mut request = agent.get(&url);
                 if let (Some(c), true) = (creds, realm_safe) {
                     request =
@@ -304,8 +396,12 @@ impl Client {
                 match response.status().as_u16() {
                     200 => {}
                     401 | 403 => {
+                        let whose = match creds {
+                            Some(_) => format!("the credentials were refused ({source})"),
+                            None => "anonymous access was refused".to_owned(),
+                        };
                         return Err(HttpError::Unauthorized(format!(
-                            "{token_what}: status {}: the credentials were refused",
+                            "{token_what}: status {}: {whose}",
                             response.status().as_u16()
                         )));
                     }
@@ -328,14 +424,21 @@ impl Client {
         }
     }
 
-    /// The HTTP agent for an endpoint: one per host, trusting the system's
-    /// roots plus that host's CA.
+    /// The HTTP agent for an endpoint: one per host and pull, trusting the
+    /// system's roots plus that host's CA.
     fn agent(&self, ep: &Endpoint) -> Result<ureq::Agent, HttpError> {
-        let mut agents = self
-            .agents
+        let mut agents = ep
+            .connections
+            .0
             .lock()
             .map_err(|_| HttpError::Fatal("registry client: lock poisoned".to_owned()))?;
-        if let Some(agent) = agents.get(&ep.host) {
+        if agents.closed {
+            return Err(HttpError::Transient(format!(
+                "{}: the pull's connections are closed (cancelled)",
+                ep.host
+            )));
+        }
+        if let Some(agent) = agents.by_host.get(&ep.host) {
             return Ok(agent.clone());
         }
         let mut roots: Vec<Certificate<'static>> = system_roots().as_ref().clone();
@@ -359,7 +462,7 @@ impl Client {
             .timeout_recv_body(Some(BODY_TIMEOUT))
             .build()
             .into();
-        agents.insert(ep.host.clone(), agent.clone());
+        agents.by_host.insert(ep.host.clone(), agent.clone());
         Ok(agent)
     }
 }
@@ -382,6 +485,11 @@ fn system_roots() -> Arc<Vec<Certificate<'static>>> {
             )
         })
         .clone()
+}
+
+/// `; pull secret "x" could not be used: …` for each unusable pull secret.
+fn problems_note(problems: &[String]) -> String {
+    problems.iter().map(|p| format!("; {p}")).collect()
 }
 
 fn transport_error(what: &str, e: &ureq::Error) -> HttpError {

@@ -1,9 +1,9 @@
 //! The image store under `{data_dir}/images`: verified blobs shared by all
-//! images (`blobs/sha256/`), what each reference resolved to (`refs/`), and
-//! unpacked images, one directory per manifest digest,
-//! `sha256-<hex>/{rootfs,config.json}`, made in a temp directory and renamed
-//! into place whole, so a crash never leaves a half image under its final
-//! name.
+//! images (`blobs/sha256/`), what each reference resolved to (`refs/`),
+//! unpacked layers shared by all images (`layers/`, see `layers`), and one
+//! directory per image manifest, `sha256-<hex>/{layers,config.json}`. Layers
+//! and images are made in temp directories and renamed into place whole, so
+//! a crash never leaves a half layer or image under its final name.
 //!
 //! Every pull, import and local unpack holds a shared `flock` on
 //! `{images}/.lock`; garbage collection takes it exclusively, or, when pulls
@@ -13,7 +13,7 @@ use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Instant;
 
 use flate2::read::MultiGzDecoder;
@@ -21,13 +21,14 @@ use nix::fcntl::{Flock, FlockArg};
 
 use super::archive;
 use super::blobs::Blobs;
-use super::layout::{self, Compression, Layout, Resolved};
+use super::layers;
+use super::layout::{self, Compression, LayerDesc, Layout, Resolved};
 use super::reference::{Reference, Source};
 use super::refs::Refs;
 use super::registry::Client;
 use super::settings::PullSettings;
 use super::unpack::{self, UnpackError};
-use super::{Image, ImageError, Images, PullObserver, pull};
+use super::{Image, ImageError, Images, PullObserver, PullSecrets, pull};
 
 /// Prefix of work directories; anything named so is scratch.
 const TMP_PREFIX: &str = ".tmp-";
@@ -44,6 +45,8 @@ pub struct ImageStore {
     pub(crate) client: Client,
     /// The keep list of a collection that found pulls running.
     pub(crate) pending_gc: Mutex<Option<Vec<String>>>,
+    /// Pulls running other than background ones (prefetches wait for them).
+    foreground: AtomicUsize,
 }
 
 impl std::fmt::Debug for ImageStore {
@@ -98,6 +101,7 @@ impl ImageStore {
             refs,
             client: Client::new(settings),
             pending_gc: Mutex::new(None),
+            foreground: AtomicUsize::new(0),
         })
     }
 
@@ -150,53 +154,139 @@ impl ImageStore {
         Ok(image)
     }
 
-    /// The unpacked image of `resolved`, unpacking its layers from `layout`
-    /// if it is not there yet.
+    /// The unpacked image of `resolved`, unpacking the layers it does not
+    /// share with images already here from `layout`.
     pub(crate) fn materialize(
         &self,
         reference: &str,
         layout: &Layout<'_>,
         resolved: &Resolved,
     ) -> Result<Image, ImageError> {
-        let digest = resolved.manifest.to_string();
-        let final_dir = self.image_dir(&resolved.manifest);
-        let image = Image {
-            digest: digest.clone(),
-            rootfs: final_dir.join("rootfs"),
-            config: resolved.config.clone(),
-        };
-        if image.rootfs.is_dir() {
+        if let Some(image) = self.unpacked(&resolved.manifest) {
             return Ok(image);
         }
+        if resolved.layers.len() > layers::MAX_LAYERS {
+            return Err(ImageError::Invalid {
+                reference: reference.to_owned(),
+                what: format!(
+                    "{} layers, more than the {} this agent runs",
+                    resolved.layers.len(),
+                    layers::MAX_LAYERS
+                ),
+            });
+        }
+        let digest = resolved.manifest.to_string();
+        let final_dir = self.image_dir(&resolved.manifest);
         let started = Instant::now();
+        let mut list = String::new();
+        let mut unpacked = 0;
+        for layer in &resolved.layers {
+            unpacked += usize::from(self.ensure_layer(reference, layout, layer)?);
+            list.push_str(layers::short_name(&layer.digest));
+            list.push('\n');
+        }
         let work = WorkDir::create(&self.root, resolved.manifest.hex(), reference)?;
-        self.unpack(reference, layout, resolved, work.path())?;
+        let config = work.path().join("config.json");
+        fs::write(&config, &resolved.config_bytes)
+            .map_err(|e| io(reference, "writing", &config, e))?;
+        let list_path = work.path().join(layers::LIST_FILE);
+        fs::write(&list_path, list).map_err(|e| io(reference, "writing", &list_path, e))?;
+        syncfs(reference, work.path())?;
         match fs::rename(work.path(), &final_dir) {
             Ok(()) => {
                 work.keep();
                 sync_dir(&self.root).map_err(|e| io(reference, "syncing", &self.root, e))?;
                 tracing::info!(
                     image = %reference, %digest,
+                    layers = resolved.layers.len(),
+                    unpacked,
                     ms = started.elapsed().as_millis() as u64,
                     "image unpacked"
                 );
             }
             // Another ensure of the same image renamed its copy first; ours
             // is dropped (and removed) with `work`.
-            Err(_) if image.rootfs.is_dir() => {}
+            Err(_) if final_dir.join(layers::LIST_FILE).is_file() => {}
             Err(e) => return Err(io(reference, "renaming into place", &final_dir, e)),
         }
-        Ok(image)
+        Ok(Image {
+            digest,
+            rootfs: final_dir.join(layers::LIST_FILE),
+            config: resolved.config.clone(),
+        })
     }
 
-    /// The unpacked image of manifest `digest`, if it is there, without
-    /// reading any blob.
+    /// Unpacks `layer` into `layers/` unless it is there; true when it was
+    /// unpacked now.
+    fn ensure_layer(
+        &self,
+        reference: &str,
+        layout: &Layout<'_>,
+        layer: &LayerDesc,
+    ) -> Result<bool, ImageError> {
+        let dir = layers::layer_dir(&self.root, &layer.digest);
+        let present = |dir: &Path| {
+            layers::layer_present(dir, &layer.digest).map_err(|e| io(reference, "checking", dir, e))
+        };
+        if present(&dir)? {
+            return Ok(false);
+        }
+        let parent = self.root.join(layers::LAYERS_DIR);
+        fs::create_dir_all(&parent).map_err(|e| io(reference, "creating", &parent, e))?;
+        let work = WorkDir::create(&self.root, "layer", reference)?;
+        let root = work.path().join(layers::ROOT);
+        fs::create_dir(&root).map_err(|e| io(reference, "creating", &root, e))?;
+        let file = layout.open_layer(layer)?;
+        let reader = io::BufReader::new(file);
+        let result = match layer.compression {
+            Compression::Plain => unpack::unpack_layer(reader, &root),
+            Compression::Gzip => unpack::unpack_layer(MultiGzDecoder::new(reader), &root),
+        };
+        result.map_err(|e| match e {
+            UnpackError::Unsafe { entry, why } => ImageError::UnsafeLayer {
+                reference: reference.to_owned(),
+                layer: layer.digest.to_string(),
+                entry,
+                why,
+            },
+            UnpackError::Io { op, path, source } => io(reference, op, &path, source),
+            e @ (UnpackError::Invalid { .. } | UnpackError::Corrupt(_)) => ImageError::Invalid {
+                reference: reference.to_owned(),
+                what: format!("layer {}: {e}", layer.digest),
+            },
+        })?;
+        let digest_file = work.path().join(layers::DIGEST_FILE);
+        fs::write(&digest_file, layer.digest.to_string())
+            .map_err(|e| io(reference, "writing", &digest_file, e))?;
+        syncfs(reference, work.path())?;
+        match fs::rename(work.path(), &dir) {
+            Ok(()) => {
+                work.keep();
+                sync_dir(&parent).map_err(|e| io(reference, "syncing", &parent, e))?;
+                Ok(true)
+            }
+            // Another pull unpacked it at the same time; ours goes.
+            Err(_) if present(&dir)? => Ok(false),
+            Err(e) => Err(io(reference, "renaming into place", &dir, e)),
+        }
+    }
+
+    /// The unpacked image of manifest `digest`, if it is there with all its
+    /// layers, without reading any blob. An image unpacked whole by an older
+    /// agent (`rootfs/`) is used as it is.
     pub(crate) fn unpacked(&self, digest: &layout::Digest) -> Option<Image> {
         let dir = self.image_dir(digest);
-        let rootfs = dir.join("rootfs");
-        if !rootfs.is_dir() {
+        let list = dir.join(layers::LIST_FILE);
+        let old = dir.join("rootfs");
+        let rootfs = if list.is_file() {
+            // A layer removed behind the store's back: unpacked again.
+            layers::lower_dirs(&list).ok()?;
+            list
+        } else if old.is_dir() {
+            old
+        } else {
             return None;
-        }
+        };
         let bytes = fs::read(dir.join("config.json")).ok()?;
         let config = layout::parse_config(&bytes).ok()?;
         Some(Image {
@@ -210,49 +300,12 @@ impl ImageStore {
         self.root.join(format!("sha256-{}", digest.hex()))
     }
 
-    fn unpack(
+    fn ensure_any(
         &self,
-        reference: &str,
-        layout: &Layout<'_>,
-        resolved: &Resolved,
-        work: &Path,
-    ) -> Result<(), ImageError> {
-        let rootfs = work.join("rootfs");
-        fs::create_dir(&rootfs).map_err(|e| io(reference, "creating", &rootfs, e))?;
-        for layer in &resolved.layers {
-            let file = layout.open_layer(layer)?;
-            let reader = io::BufReader::new(file);
-            let result = match layer.compression {
-                Compression::Plain => unpack::apply_layer(reader, &rootfs),
-                Compression::Gzip => unpack::apply_layer(MultiGzDecoder::new(reader), &rootfs),
-            };
-            result.map_err(|e| match e {
-                UnpackError::Unsafe { entry, why } => ImageError::UnsafeLayer {
-                    reference: reference.to_owned(),
-                    layer: layer.digest.to_string(),
-                    entry,
-                    why,
-                },
-                UnpackError::Io { op, path, source } => io(reference, op, &path, source),
-                e @ (UnpackError::Invalid { .. } | UnpackError::Corrupt(_)) => {
-                    ImageError::Invalid {
-                        reference: reference.to_owned(),
-                        what: format!("layer {}: {e}", layer.digest),
-                    }
-                }
-            })?;
-        }
-        let config = work.join("config.json");
-        fs::write(&config, &resolved.config_bytes)
-            .map_err(|e| io(reference, "writing", &config, e))?;
-        // One syncfs instead of an fsync per file: the rename must not reach
-        // the disk before the files it publishes.
-        let dir = fs::File::open(work).map_err(|e| io(reference, "opening", work, e))?;
-        nix::unistd::syncfs(std::os::fd::AsRawFd::as_raw_fd(&dir))
-            .map_err(|e| io(reference, "syncing", work, e.into()))
-    }
-
-    fn ensure_any(&self, r: &Reference, observer: &dyn PullObserver) -> Result<Image, ImageError> {
+        r: &Reference,
+        secrets: &PullSecrets,
+        observer: &dyn PullObserver,
+    ) -> Result<Image, ImageError> {
         match &r.source {
             Source::Layout { path, tag } => self.ensure_local(r, path, path, false, tag.as_deref()),
             Source::Archive { path, tag } => {
@@ -260,9 +313,51 @@ impl ImageStore {
                 archive::extract_archive(&r.text, path, work.path())?;
                 self.ensure_local(r, work.path(), path, true, tag.as_deref())
             }
-            Source::Registry(name) => pull::pull(self, r, name, observer),
+            Source::Registry(name) => pull::pull(self, r, name, secrets, observer),
         }
     }
+}
+
+impl ImageStore {
+    /// A pull under the store's shared lock; a collection left pending
+    /// runs after it.
+    fn pull_locked(
+        &self,
+        reference: &str,
+        secrets: &PullSecrets,
+        observer: &dyn PullObserver,
+    ) -> Result<Image, ImageError> {
+        let r = Reference::parse(reference)?;
+        let lock = self.lock(false)?;
+        let result = self.ensure_any(&r, secrets, observer);
+        drop(lock);
+        self.run_pending_gc();
+        result
+    }
+}
+
+/// One foreground pull, counted while it runs (a panic included).
+struct Foreground<'a>(&'a AtomicUsize);
+
+impl<'a> Foreground<'a> {
+    fn enter(count: &'a AtomicUsize) -> Self {
+        count.fetch_add(1, Ordering::SeqCst);
+        Self(count)
+    }
+}
+
+impl Drop for Foreground<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// One syncfs instead of an fsync per file: a rename must not reach the
+/// disk before the files it publishes.
+fn syncfs(reference: &str, dir: &Path) -> Result<(), ImageError> {
+    let file = fs::File::open(dir).map_err(|e| io(reference, "opening", dir, e))?;
+    nix::unistd::syncfs(std::os::fd::AsRawFd::as_raw_fd(&file))
+        .map_err(|e| io(reference, "syncing", dir, e.into()))
 }
 
 pub(crate) fn io(reference: &str, op: &'static str, path: &Path, source: io::Error) -> ImageError {
@@ -275,13 +370,26 @@ pub(crate) fn io(reference: &str, op: &'static str, path: &Path, source: io::Err
 }
 
 impl Images for ImageStore {
-    fn pull(&self, reference: &str, observer: &dyn PullObserver) -> Result<Image, ImageError> {
-        let r = Reference::parse(reference)?;
-        let lock = self.lock(false)?;
-        let result = self.ensure_any(&r, observer);
-        drop(lock);
-        self.run_pending_gc();
-        result
+    fn pull_with(
+        &self,
+        reference: &str,
+        secrets: &PullSecrets,
+        observer: &dyn PullObserver,
+    ) -> Result<Image, ImageError> {
+        let _counted = Foreground::enter(&self.foreground);
+        self.pull_locked(reference, secrets, observer)
+    }
+
+    fn pull_background(
+        &self,
+        reference: &str,
+        observer: &dyn PullObserver,
+    ) -> Result<Image, ImageError> {
+        self.pull_locked(reference, &PullSecrets::none(), observer)
+    }
+
+    fn foreground_pulls(&self) -> usize {
+        self.foreground.load(Ordering::SeqCst)
     }
 
     fn collect_garbage(&self, keep: &[String]) {

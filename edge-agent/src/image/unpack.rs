@@ -1,6 +1,8 @@
-//! Unpacking layers into a root filesystem: applies tar layers in order,
-//! keeping modes, owners, symlinks, hard links, directories and fifos,
-//! honouring OCI whiteouts, and refusing any entry that would write outside
+//! Unpacking one layer into a directory of its own (see `layers`): keeps
+//! modes, owners, symlinks, hard links, directories and fifos, writes OCI
+//! whiteouts as overlayfs reads them (a `.wh.name` entry becomes a character
+//! device 0/0 `name`, a `.wh..wh..opq` entry the `trusted.overlay.opaque=y`
+//! xattr on its directory), and refuses any entry that would write outside
 //! the target.
 //!
 //! Safety rests on one rule: before touching an entry, every parent component
@@ -16,6 +18,8 @@ use std::io::{self, Read, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+
+use super::layers;
 
 /// Why a layer could not be applied.
 #[derive(Debug, thiserror::Error)]
@@ -56,8 +60,8 @@ pub(crate) fn normalize(raw: &[u8]) -> Result<PathBuf, &'static str> {
     Ok(out)
 }
 
-/// Applies one layer (an uncompressed tar stream) on top of `target`.
-pub(crate) fn apply_layer(layer: impl Read, target: &Path) -> Result<(), UnpackError> {
+/// Unpacks one layer (an uncompressed tar stream) into the empty `target`.
+pub(crate) fn unpack_layer(layer: impl Read, target: &Path) -> Result<(), UnpackError> {
     let mut unpacker = Unpacker {
         root: target.to_owned(),
         this_layer: HashSet::new(),
@@ -73,8 +77,8 @@ pub(crate) fn apply_layer(layer: impl Read, target: &Path) -> Result<(), UnpackE
 
 struct Unpacker {
     root: PathBuf,
-    /// Every path this layer wrote, with its parents: whiteouts and opaque
-    /// directories only hide what lower layers wrote.
+    /// Every path this layer wrote, with its parents: a whiteout only hides
+    /// what lower layers wrote, not an entry of its own layer.
     this_layer: HashSet<PathBuf>,
     /// Only root can give files their owners; elsewhere (development) the
     /// files stay the unpacker's.
@@ -122,7 +126,7 @@ impl Unpacker {
         if file_name == OPAQUE {
             let dir_rel = rel.parent().unwrap_or(Path::new("")).to_owned();
             let dir = self.make_dirs(&dir_rel, &name, true)?;
-            return self.make_opaque(&dir, &dir_rel);
+            return layers::set_opaque(&dir).map_err(|e| io_err("marking opaque", &dir, e));
         }
         if file_name.starts_with(b".wh..wh.") {
             // aufs bookkeeping (`.wh..wh.plnk`, …): not part of the filesystem.
@@ -133,13 +137,19 @@ impl Unpacker {
                 return Err(unsafe_entry("whiteout names no file"));
             }
             let parent_rel = rel.parent().unwrap_or(Path::new(""));
-            let Some(parent) = self.walk(parent_rel, &name, false)? else {
-                return Ok(());
-            };
             let hidden_rel = parent_rel.join(OsStr::from_bytes(hidden));
-            if !self.this_layer.contains(&hidden_rel) {
-                remove_any(&parent.join(OsStr::from_bytes(hidden)))?;
+            if self.this_layer.contains(&hidden_rel) {
+                return Ok(());
             }
+            let parent = self.make_dirs(parent_rel, &name, true)?;
+            let path = parent.join(OsStr::from_bytes(hidden));
+            nix::sys::stat::mknod(
+                &path,
+                nix::sys::stat::SFlag::S_IFCHR,
+                nix::sys::stat::Mode::empty(),
+                0,
+            )
+            .map_err(|e| io_err("creating whiteout", &path, e.into()))?;
             return Ok(());
         }
 
@@ -288,26 +298,6 @@ impl Unpacker {
             }),
             Err(e) => Err(io_err("inspecting", &source, e)),
         }
-    }
-
-    /// Removes what lower layers put under `dir`, keeping what this layer wrote.
-    fn make_opaque(&self, dir: &Path, rel: &Path) -> Result<(), UnpackError> {
-        let children = fs::read_dir(dir).map_err(|e| io_err("reading", dir, e))?;
-        for child in children {
-            let child = child.map_err(|e| io_err("reading", dir, e))?;
-            let child_rel = rel.join(child.file_name());
-            let path = child.path();
-            if !self.this_layer.contains(&child_rel) {
-                remove_any(&path)?;
-            } else if child
-                .file_type()
-                .map_err(|e| io_err("inspecting", &path, e))?
-                .is_dir()
-            {
-                self.make_opaque(&path, &child_rel)?;
-            }
-        }
-        Ok(())
     }
 
     /// Owner first: chown clears the set-id bits that the mode then restores.

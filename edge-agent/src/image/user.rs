@@ -3,18 +3,16 @@
 //! `/etc/group`, which are read with symlinks resolved inside the rootfs,
 //! never out of it.
 
-use std::ffi::OsString;
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read};
+use std::fs::{File, OpenOptions};
+use std::io::Read;
 use std::os::unix::fs::OpenOptionsExt;
-use std::path::{Component, Path, PathBuf};
+use std::path::Path;
 
 use super::ImageError;
+use super::layers::View;
 
 /// Largest passwd or group file read.
 const MAX_DB: u64 = 1024 * 1024;
-/// Symlinks followed while resolving one path, as the kernel's limit.
-const MAX_LINKS: usize = 40;
 
 /// Resolves `user` to `(uid, gid)` in `rootfs`. A numeric uid needs no
 /// passwd entry (its gid is then the passwd entry's, or 0); a name must have
@@ -118,8 +116,10 @@ fn passwd_entries(db: &str) -> impl Iterator<Item = PasswdEntry<'_>> {
 /// Reads `rel` (`etc/passwd`) of `rootfs`; `None` when it does not exist.
 fn read_db(rootfs: &Path, rel: &str) -> Result<Option<String>, String> {
     let shown = format!("/{rel}");
-    let Some(path) =
-        resolve_in_root(rootfs, Path::new(rel)).map_err(|e| format!("resolving {shown}: {e}"))?
+    let view = View::open(rootfs).map_err(|e| format!("reading the image's layers: {e}"))?;
+    let Some(path) = view
+        .resolve(Path::new(rel))
+        .map_err(|e| format!("resolving {shown}: {e}"))?
     else {
         return Ok(None);
     };
@@ -145,61 +145,11 @@ fn read_db(rootfs: &Path, rel: &str) -> Result<Option<String>, String> {
     Ok(Some(text))
 }
 
-/// Resolves `rel` inside `rootfs` as if `rootfs` were `/`: symlinks are
-/// followed, but absolute targets and `..` stay inside `rootfs`. Returns the
-/// host path of the final entry (not a symlink), or `None` if missing.
-fn resolve_in_root(rootfs: &Path, rel: &Path) -> io::Result<Option<PathBuf>> {
-    let mut pending: Vec<OsString> = components(rel);
-    pending.reverse();
-    let mut resolved: Vec<OsString> = Vec::new();
-    let mut links = 0;
-    while let Some(part) = pending.pop() {
-        if part == ".." {
-            resolved.pop();
-            continue;
-        }
-        let mut path = rootfs.to_owned();
-        path.extend(&resolved);
-        path.push(&part);
-        let meta = match fs::symlink_metadata(&path) {
-            Ok(meta) => meta,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(e),
-        };
-        if !meta.file_type().is_symlink() {
-            resolved.push(part);
-            continue;
-        }
-        links += 1;
-        if links > MAX_LINKS {
-            return Err(io::Error::other("too many levels of symbolic links"));
-        }
-        let target = fs::read_link(&path)?;
-        if target.is_absolute() {
-            resolved.clear();
-        }
-        let mut next = components(&target);
-        next.reverse();
-        pending.extend(next);
-    }
-    let mut path = rootfs.to_owned();
-    path.extend(&resolved);
-    Ok(Some(path))
-}
-
-/// The normal and `..` components of `path`; `/` and `.` say nothing here.
-fn components(path: &Path) -> Vec<OsString> {
-    path.components()
-        .filter_map(|c| match c {
-            Component::Normal(s) => Some(s.to_owned()),
-            Component::ParentDir => Some(OsString::from("..")),
-            Component::RootDir | Component::CurDir | Component::Prefix(_) => None,
-        })
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
+    use std::fs;
+    use std::io;
+
     use super::*;
 
     const PASSWD: &str = "root:x:0:0:root:/root:/bin/sh\n\

@@ -53,6 +53,8 @@ pub struct Settings {
     /// longer knows (found at start); a desired pod's containers get the
     /// pod's own termination grace period.
     pub stop_grace: Duration,
+    /// The node's sealing key and where secret volumes' tmpfs mounts go.
+    pub secrets: crate::secrets::Keyring,
 }
 
 /// Hands desired states to the reconciler. Cheap to clone.
@@ -170,10 +172,11 @@ impl<R: Runtime, I: Images> Ctx<R, I> {
     /// pod is gone.
     pub async fn remove_volumes(&self, pod: &str) {
         let data_dir = self.settings.data_dir.clone();
+        let keyring = self.settings.secrets.clone();
         let owned = pod.to_owned();
         let result = self
             .blocking("removing volumes", move || {
-                volumes::remove(&data_dir, &owned)
+                volumes::remove(&data_dir, &keyring, &owned)
             })
             .await;
         match result {
@@ -216,6 +219,12 @@ pub fn spawn<R: Runtime, I: Images>(
     shutdown: CancellationToken,
 ) -> ReconcilerHandle {
     let (tx, rx) = mpsc::channel(8);
+    let prefetch = crate::prefetch::spawn(
+        Arc::clone(&images),
+        reports.clone(),
+        tracker,
+        shutdown.clone(),
+    );
     let ctx = Arc::new(Ctx {
         runtime,
         images,
@@ -229,6 +238,7 @@ pub fn spawn<R: Runtime, I: Images>(
         terminating: HashMap::new(),
         existing: HashMap::new(),
         shutdown: shutdown.clone(),
+        prefetch,
     };
     tracker.spawn(async move {
         tokio::select! {
@@ -242,7 +252,9 @@ pub fn spawn<R: Runtime, I: Images>(
 struct PodEntry {
     tx: mpsc::Sender<PodCommand>,
     handle: JoinHandle<()>,
-    spec: PodSpec,
+    /// What the spec is, to see whether the next desired state changes it;
+    /// the task holds the spec itself.
+    digest: [u8; 32],
     generation: u64,
 }
 
@@ -254,6 +266,8 @@ struct Actor<R, I> {
     /// Containers found at start, by pod, until a pod task takes them.
     existing: HashMap<String, Vec<Existing>>,
     shutdown: CancellationToken,
+    /// Downloads the images a staged rollout will switch to.
+    prefetch: crate::prefetch::PrefetchHandle,
 }
 
 impl<R: Runtime, I: Images> Actor<R, I> {
@@ -269,6 +283,7 @@ impl<R: Runtime, I: Images> Actor<R, I> {
             node: String::new(),
             generation: 0,
             pods: Vec::new(),
+            prefetch: Vec::new(),
         });
         self.apply(initial).await;
         for (pod, containers) in std::mem::take(&mut self.existing) {
@@ -302,10 +317,11 @@ impl<R: Runtime, I: Images> Actor<R, I> {
     /// removed (their containers were already gone when the agent started).
     async fn remove_stale_pod_dirs(&self) {
         let data_dir = self.ctx.settings.data_dir.clone();
+        let keyring = self.ctx.settings.secrets.clone();
         let Ok(on_disk) = self
             .ctx
             .blocking("listing pod directories", move || {
-                volumes::pods_on_disk(&data_dir)
+                volumes::pods_on_disk(&data_dir, &keyring)
             })
             .await
         else {
@@ -335,13 +351,16 @@ impl<R: Runtime, I: Images> Actor<R, I> {
 
     async fn apply(&mut self, desired: DesiredState) {
         let generation = desired.generation;
+        self.prefetch.set(desired.prefetch.clone());
         if generation > 0 {
-            // Images no desired pod names go; the store keeps the previous
-            // set too, for rollbacks. In the background: it deletes files.
+            // Images no desired pod names and no prefetch lists go; the
+            // store keeps the previous set too, for rollbacks. In the
+            // background: it deletes files.
             let keep: Vec<String> = desired
                 .pods
                 .iter()
                 .flat_map(|p| p.containers.iter().map(|c| c.image.clone()))
+                .chain(desired.prefetch.iter().cloned())
                 .collect();
             let images = self.ctx.images.clone();
             self.ctx
@@ -363,13 +382,15 @@ impl<R: Runtime, I: Images> Actor<R, I> {
             }
         }
         for spec in desired.pods {
+            let name = spec.name.clone();
+            let digest = process::spec_digest(&spec);
             let entry = self.pods.remove(&spec.name);
             let entry = match entry {
-                Some(e) if e.spec == spec && e.generation == generation => e,
+                Some(e) if e.digest == digest && e.generation == generation => e,
                 Some(mut e) => {
-                    let update = PodCommand::Update(spec.clone(), generation);
+                    let update = PodCommand::Update(Box::new(spec.clone()), generation);
                     if e.tx.send(update).await.is_ok() {
-                        e.spec = spec;
+                        e.digest = digest;
                         e.generation = generation;
                         e
                     } else {
@@ -382,7 +403,7 @@ impl<R: Runtime, I: Images> Actor<R, I> {
                     self.spawn_pod(spec, generation, prev)
                 }
             };
-            self.pods.insert(entry.spec.name.clone(), entry);
+            self.pods.insert(name, entry);
         }
         self.terminating.retain(|_, h| !h.is_finished());
     }
@@ -411,7 +432,7 @@ impl<R: Runtime, I: Images> Actor<R, I> {
         PodEntry {
             tx,
             handle,
-            spec,
+            digest: process::spec_digest(&spec),
             generation,
         }
     }

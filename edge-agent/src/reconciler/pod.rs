@@ -4,14 +4,21 @@
 //! containers whose spec or mounted volumes changed, and on `Stop` removes
 //! everything, each container getting the pod's grace period between
 //! SIGTERM and SIGKILL. It reports the pod's status after every change.
+//!
+//! Images are pulled by jobs of their own (`pull`), so commands are served
+//! while a pull runs: a delete or a new spec does not wait for a slow or
+//! failing download, which is then abandoned.
+//!
+//! A replaced container that runs keeps running until its successor's image
+//! is pulled (and fits the device's platform): a registry that is down or a
+//! wrong tag leaves the old version serving, with the failure shown as the
+//! container's `next` state and retried with the usual back-off. If the old
+//! container exits meanwhile, the restart policy applies to it as to any.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-use flotilla_proto::{
-    ContainerSpec, ContainerState, ContainerStatus, PodPhase, PodSpec, PodStatus, RestartPolicy,
-    Volume,
-};
+use flotilla_proto::{ContainerSpec, ContainerState, PodSpec, RestartPolicy, SealedSecret, Volume};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, sleep_until};
@@ -20,118 +27,47 @@ use tokio_util::sync::CancellationToken;
 use super::Ctx;
 use super::process::{self, StartFailure, container_id_with_volumes};
 use super::volumes;
-use crate::image::{Images, PullProgress, WatchObserver};
-use crate::probe::{self, ContainerCheck, ProbeEvent, Probes};
+use crate::image::{Image, Images};
+use crate::probe::ProbeEvent;
 use crate::runtime::{Existing, Exit, Runtime, RuntimeError};
 
-/// First delay before a container is started again; doubles per attempt.
-const BACKOFF_MIN: Duration = Duration::from_secs(1);
-const BACKOFF_MAX: Duration = Duration::from_secs(5 * 60);
-/// A container that ran this long starts its back-off afresh.
-const BACKOFF_RESET: Duration = Duration::from_secs(10 * 60);
+mod pull;
+mod slot;
+mod status;
 
-/// What the reconciler tells a pod task.
+use pull::{PullEvent, retry_later};
+use slot::{
+    BACKOFF_MIN, BACKOFF_RESET, Outgoing, Run, Slot, container_name, find_slot, now_ms, slot_at,
+    watch_slot, will_restart,
+};
+
+/// What the reconciler tells a pod task. Boxed: a channel allocates room for
+/// 32 messages when it is made, and a pod task lives as long as its pod.
 #[derive(Debug)]
 pub(super) enum PodCommand {
     /// Run this spec, from this desired generation.
-    Update(PodSpec, u64),
+    Update(Box<PodSpec>, u64),
     /// The pod is no longer desired: stop and delete its containers, then end.
     Stop,
 }
 
-/// Where a container slot is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Run {
-    /// To be started at (or after) this instant.
-    Start { at: Instant },
-    /// Its process runs.
-    Running { since: Instant },
-    /// Exited, and the restart policy says it stays so.
-    Finished,
-}
-
-/// One container of the pod, as desired now.
-struct Slot {
-    spec: ContainerSpec,
-    id: String,
-    run: Run,
-    state: ContainerState,
-    restarts: u32,
-    backoff: Duration,
-    ever_started: bool,
-    /// The next start follows an exit, so it counts as a restart.
-    restarting: bool,
-    last_exit: Option<i32>,
-    /// The last start failed: the runtime may hold leftovers of that id.
-    failed_start: bool,
-    /// Cancels the tasks of this run of the container: the one waiting for
-    /// its exit, its probes, a kill under way.
-    waiter: Option<CancellationToken>,
-    /// Which run of the container its probe events are about.
-    run_number: u64,
-    /// Its probes pass (or it has none); reported only while it runs.
-    ready: bool,
-    /// Why the agent is killing it (a failed probe), for its exit message.
-    kill_reason: Option<String>,
-    /// How far the download of its image is, while one runs.
-    pull: Option<PullProgress>,
-}
-
-impl Slot {
-    fn new(pod: &str, spec: ContainerSpec, volumes: &[Volume]) -> Self {
-        Self {
-            id: container_id_with_volumes(pod, &spec, volumes),
-            spec,
-            run: Run::Start { at: Instant::now() },
-            state: ContainerState::Waiting {
-                reason: "ContainerCreating".to_owned(),
-                message: None,
-                retry_at_ms: None,
-            },
-            restarts: 0,
-            backoff: BACKOFF_MIN,
-            ever_started: false,
-            restarting: false,
-            last_exit: None,
-            failed_start: false,
-            waiter: None,
-            run_number: 0,
-            ready: false,
-            kill_reason: None,
-            pull: None,
-        }
-    }
-
-    fn next_delay(&mut self) -> Duration {
-        let d = self.backoff;
-        self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
-        d
-    }
-
-    fn stop_watching(&mut self) {
-        if let Some(w) = self.waiter.take() {
-            w.cancel();
-        }
-    }
-}
-
-fn will_restart(policy: RestartPolicy, code: i32) -> bool {
-    match policy {
-        RestartPolicy::Always => true,
-        RestartPolicy::OnFailure => code != 0,
-        RestartPolicy::Never => false,
-    }
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-}
-
-type ExitReport = (String, Result<Exit, RuntimeError>);
+pub(super) type ExitReport = (String, Result<Exit, RuntimeError>);
 /// A probe outcome for the container of that id, in that run.
-type ProbeReport = (String, u64, ProbeEvent);
+pub(super) type ProbeReport = (String, u64, ProbeEvent);
+
+/// What the pod's own tasks tell it: its exit watchers, probes and pull
+/// jobs. One channel of boxed messages rather than one per kind, since each
+/// channel allocates room for 32 messages up front (about 0.6 KiB here, ten
+/// times that for three channels of these messages unboxed).
+#[derive(Debug)]
+pub(super) enum PodEvent {
+    /// A container's process ended (or waiting for it failed).
+    Exit(Box<ExitReport>),
+    /// A probe outcome.
+    Probe(Box<ProbeReport>),
+    /// A pull job's progress or result.
+    Pull(Box<PullEvent>),
+}
 
 pub(super) struct PodTask<R, I> {
     ctx: Arc<Ctx<R, I>>,
@@ -142,16 +78,30 @@ pub(super) struct PodTask<R, I> {
     /// Time between SIGTERM and SIGKILL when a container is stopped.
     grace: Duration,
     volumes: Vec<Volume>,
+    /// Opened for each pull, so credentials are in the clear only while
+    /// one runs.
+    pull_secrets: Vec<SealedSecret>,
     slots: Vec<Slot>,
     terminating: bool,
-    exits_tx: mpsc::Sender<ExitReport>,
-    exits_rx: mpsc::Receiver<ExitReport>,
-    probes_tx: mpsc::Sender<ProbeReport>,
-    probes_rx: mpsc::Receiver<ProbeReport>,
+    events_tx: mpsc::Sender<PodEvent>,
+    events_rx: mpsc::Receiver<PodEvent>,
     /// Numbers the runs of containers, for their probe events.
     runs: u64,
-    /// Parent of the waiters' tokens; cancelled when the task ends.
+    /// Numbers the pull jobs, for their events.
+    jobs: u64,
+    /// Parent of the waiters' and pulls' tokens; cancelled when the task ends.
     token: CancellationToken,
+}
+
+/// A container of the spec being replaced, while `update` sorts them out.
+struct Old {
+    slot: Slot,
+    /// The grace period it was started with.
+    grace: Duration,
+    /// The pod's volumes it was started with (`None`: unknown, adopted).
+    volumes: Option<Vec<Volume>>,
+    /// It was already serving for a replacement whose image is not ready.
+    outgoing: bool,
 }
 
 impl<R: Runtime, I: Images> PodTask<R, I> {
@@ -161,8 +111,7 @@ impl<R: Runtime, I: Images> PodTask<R, I> {
         generation: u64,
         token: CancellationToken,
     ) -> Self {
-        let (exits_tx, exits_rx) = mpsc::channel(16);
-        let (probes_tx, probes_rx) = mpsc::channel(16);
+        let (events_tx, events_rx) = mpsc::channel(32);
         Self {
             ctx,
             name: spec.name.clone(),
@@ -171,17 +120,17 @@ impl<R: Runtime, I: Images> PodTask<R, I> {
             policy: spec.restart_policy,
             grace: Duration::from_secs(u64::from(spec.termination_grace_secs)),
             volumes: spec.volumes.clone(),
+            pull_secrets: spec.image_pull_secrets.clone(),
             slots: spec
                 .containers
                 .iter()
                 .map(|c| Slot::new(&spec.name, c.clone(), &spec.volumes))
                 .collect(),
             terminating: false,
-            exits_tx,
-            exits_rx,
-            probes_tx,
-            probes_rx,
+            events_tx,
+            events_rx,
             runs: 0,
+            jobs: 0,
             token,
         }
     }
@@ -201,7 +150,10 @@ impl<R: Runtime, I: Images> PodTask<R, I> {
             // Its end (or panic) is all that matters here.
             let _ = prev.await;
         }
-        self.adopt(existing).await;
+        // Rare and large futures are boxed where they are awaited, so the
+        // task's own future (allocated for the pod's whole life) stays the
+        // size of its idle loop.
+        Box::pin(self.adopt(existing)).await;
         loop {
             self.start_due().await;
             self.report().await;
@@ -214,15 +166,26 @@ impl<R: Runtime, I: Images> PodTask<R, I> {
                         cmd = newer;
                     }
                     match cmd {
-                        PodCommand::Update(spec, generation) => self.update(spec, generation).await,
+                        PodCommand::Update(spec, generation) => {
+                            Box::pin(self.update(*spec, generation)).await;
+                        }
                         PodCommand::Stop => {
-                            self.terminate().await;
+                            Box::pin(self.terminate()).await;
                             return;
                         }
                     }
                 }
-                Some((id, result)) = self.exits_rx.recv() => self.on_exit(&id, result).await,
-                Some((id, run, event)) = self.probes_rx.recv() => self.on_probe(&id, run, event),
+                Some(event) = self.events_rx.recv() => match event {
+                    PodEvent::Pull(event) => self.on_pull(*event).await,
+                    PodEvent::Exit(exit) => {
+                        let (id, result) = *exit;
+                        Box::pin(self.on_exit(&id, result)).await;
+                    }
+                    PodEvent::Probe(probe) => {
+                        let (id, run, event) = *probe;
+                        self.on_probe(&id, run, event);
+                    }
+                },
                 () = sleep_until(next.unwrap_or_else(Instant::now)), if next.is_some() => {}
             }
         }
@@ -230,7 +193,7 @@ impl<R: Runtime, I: Images> PodTask<R, I> {
 
     /// Takes over this pod's containers found at start.
     async fn adopt(&mut self, existing: Vec<Existing>) {
-        let (mut stop, mut dead) = (Vec::new(), Vec::new());
+        let (mut stop, mut dead, mut others) = (Vec::new(), Vec::new(), Vec::new());
         for e in existing {
             match self.slots.iter().position(|s| s.id == e.id) {
                 Some(i) if e.running => {
@@ -243,13 +206,43 @@ impl<R: Runtime, I: Images> PodTask<R, I> {
                         started_at_ms: now_ms(),
                     };
                     slot.ever_started = true;
-                    self.watch(i);
+                    self.watch_at(i, false);
                 }
                 // Desired but dead: deleted here, started afresh by the loop.
                 Some(_) => dead.push(e.id),
-                None if e.running => stop.push(e.id),
+                None if e.running => others.push(e.id),
                 None => dead.push(e.id),
             }
+        }
+        // A running container of an earlier spec (the agent restarted while
+        // its replacement's image was not ready) serves until it is. Its
+        // spec is not known here, so it is not restarted if it exits.
+        for id in others {
+            let name = container_name(&self.name, &id);
+            let Some(i) = self.slots.iter().position(|s| {
+                Some(s.spec.name.as_str()) == name
+                    && s.outgoing.is_none()
+                    && !matches!(s.run, Run::Running { .. })
+            }) else {
+                stop.push(id);
+                continue;
+            };
+            tracing::info!(pod = %self.name, container = %id, "adopted running container, to be replaced once its new image is ready");
+            let mut old = Slot::new(&self.name, self.slots[i].spec.clone(), &[]);
+            old.id = id;
+            old.run = Run::Running {
+                since: Instant::now(),
+            };
+            old.state = ContainerState::Running {
+                started_at_ms: now_ms(),
+            };
+            old.ever_started = true;
+            self.slots[i].outgoing = Some(Outgoing {
+                slot: Box::new(old),
+                grace: self.grace,
+                volumes: None,
+            });
+            self.watch_at(i, true);
         }
         if !stop.is_empty() || !dead.is_empty() {
             self.ctx.stop_and_delete(stop, dead, self.grace).await;
@@ -259,6 +252,8 @@ impl<R: Runtime, I: Images> PodTask<R, I> {
     fn next_start(&self) -> Option<Instant> {
         self.slots
             .iter()
+            .flat_map(|s| [Some(s), s.outgoing.as_ref().map(|o| &*o.slot)])
+            .flatten()
             .filter_map(|s| match s.run {
                 Run::Start { at } => Some(at),
                 _ => None,
@@ -266,37 +261,66 @@ impl<R: Runtime, I: Images> PodTask<R, I> {
             .min()
     }
 
-    /// Starts, in spec order, every container whose start time has come.
+    /// Starts the pulls of every container whose start time has come, and,
+    /// in spec order, the containers whose image is here: one waits for
+    /// those before it that are still pulling. An outgoing container being
+    /// started again waits for nothing.
     async fn start_due(&mut self) {
         let now = Instant::now();
         for i in 0..self.slots.len() {
             if matches!(self.slots[i].run, Run::Start { at } if at <= now) {
-                self.start(i).await;
+                self.begin_pull(i, false);
+            }
+            let old = self.slots[i].outgoing.as_ref().map(|o| o.slot.run);
+            if matches!(old, Some(Run::Start { at }) if at <= now) {
+                self.begin_pull(i, true);
+            }
+        }
+        let mut blocked = false;
+        for i in 0..self.slots.len() {
+            let old = self.slots[i].outgoing.as_ref().map(|o| o.slot.run);
+            if old == Some(Run::Pulled) {
+                Box::pin(self.start_pulled(i, true)).await;
+            }
+            match self.slots[i].run {
+                Run::Pulled if !blocked => Box::pin(self.start_pulled(i, false)).await,
+                Run::Pulling { .. } | Run::Pulled => blocked = true,
+                _ => {}
             }
         }
     }
 
-    async fn start(&mut self, i: usize) {
-        let slot = &self.slots[i];
-        let (spec, id, clean_first) = (slot.spec.clone(), slot.id.clone(), slot.failed_start);
-        let (pull_tx, mut pull_rx) = tokio::sync::watch::channel(None);
-        let started = self.start_blocking(spec, id.clone(), clean_first, pull_tx);
-        tokio::pin!(started);
-        // While the image downloads, its progress shows as `Pulling`.
-        let result = loop {
-            tokio::select! {
-                r = &mut started => break r,
-                Ok(()) = pull_rx.changed() => {
-                    let progress = *pull_rx.borrow_and_update();
-                    self.show_pull(i, progress).await;
-                }
-            }
+    /// Starts slot `i`'s container (or its outgoing one) from the image its
+    /// pull left; a replacement first stops the container it replaces.
+    async fn start_pulled(&mut self, i: usize, outgoing: bool) {
+        if !outgoing {
+            self.switch_over(i).await;
+        }
+        let volumes = match outgoing {
+            true => self.slots[i]
+                .outgoing
+                .as_ref()
+                .and_then(|o| o.volumes.clone()),
+            false => Some(self.volumes.clone()),
         };
-        let slot = &mut self.slots[i];
-        slot.pull = None;
+        let Some(slot) = slot_at(&mut self.slots, i, outgoing) else {
+            return;
+        };
+        let (Some(image), Some(volumes)) = (slot.image.take(), volumes) else {
+            slot.run = Run::Start { at: Instant::now() };
+            return;
+        };
+        let (spec, id, clean_first) = (slot.spec.clone(), slot.id.clone(), slot.failed_start);
+        let result = self
+            .start_blocking(spec, id.clone(), clean_first, image, volumes)
+            .await;
+        let pod = self.name.clone();
+        let Some(slot) = slot_at(&mut self.slots, i, outgoing) else {
+            return;
+        };
         match result {
             Ok(()) => {
-                tracing::info!(pod = %self.name, container = %id, "container started");
+                tracing::info!(pod = %pod, container = %id, "container started");
                 slot.run = Run::Running {
                     since: Instant::now(),
                 };
@@ -309,77 +333,56 @@ impl<R: Runtime, I: Images> PodTask<R, I> {
                 slot.restarting = false;
                 slot.ever_started = true;
                 slot.failed_start = false;
-                self.watch(i);
+                self.watch_at(i, outgoing);
             }
-            Err(f) => {
-                let delay = slot.next_delay();
-                tracing::warn!(
-                    pod = %self.name,
-                    container = %id,
-                    reason = f.reason,
-                    "container not started, retrying in {} s: {}",
-                    delay.as_secs(),
-                    f.message
-                );
-                slot.run = Run::Start {
-                    at: Instant::now() + delay,
-                };
-                slot.state = ContainerState::Waiting {
-                    reason: f.reason.to_owned(),
-                    message: Some(f.message),
-                    retry_at_ms: Some(now_ms() + delay.as_millis() as u64),
-                };
-                slot.failed_start = true;
-            }
+            Err(f) => retry_later(&pod, slot, f, true, None),
         }
     }
 
-    async fn show_pull(&mut self, i: usize, progress: Option<PullProgress>) {
+    /// Slot `i`'s image is ready: its outgoing container stops now.
+    async fn switch_over(&mut self, i: usize) {
         let slot = &mut self.slots[i];
-        slot.pull = progress;
-        if let Some(p) = progress {
-            slot.state = ContainerState::Waiting {
-                reason: "Pulling".to_owned(),
-                message: Some(format!(
-                    "pulling image {}: {:.1} of {:.1} MiB",
-                    slot.spec.image,
-                    p.done_bytes as f64 / 1048576.0,
-                    p.total_bytes as f64 / 1048576.0
-                )),
-                retry_at_ms: None,
-            };
-        }
+        let Some(outgoing) = slot.outgoing.take() else {
+            return;
+        };
+        let mut old = *outgoing.slot;
+        old.stop_watching();
+        old.abandon_pull();
+        slot.state = ContainerState::Waiting {
+            reason: "ContainerCreating".to_owned(),
+            message: None,
+            retry_at_ms: None,
+        };
+        tracing::info!(pod = %self.name, old = %old.id, new = %slot.id, "image ready, replacing the container");
         self.report().await;
+        if matches!(old.run, Run::Running { .. }) {
+            self.ctx
+                .stop_and_delete(vec![old.id], Vec::new(), outgoing.grace)
+                .await;
+        } else if old.failed_start {
+            self.ctx.delete(&old.id).await;
+        }
     }
 
-    /// Image, process, log directory, start: all of it blocks. The future
-    /// does not borrow the task, so the task can show pull progress.
-    fn start_blocking(
+    /// Volumes, process, log directory, start: all of it blocks. The image
+    /// is already here.
+    async fn start_blocking(
         &self,
         spec: ContainerSpec,
         id: String,
         clean_first: bool,
-        pull_tx: tokio::sync::watch::Sender<Option<PullProgress>>,
-    ) -> impl Future<Output = Result<(), StartFailure>> + use<R, I> {
-        let observer = WatchObserver {
-            progress: pull_tx,
-            cancel: self.token.clone(),
-        };
+        image: Image,
+        pod_volumes: Vec<Volume>,
+    ) -> Result<(), StartFailure> {
         let runtime = self.ctx.runtime.clone();
-        let images = self.ctx.images.clone();
         let pod = self.name.clone();
         let data_dir = self.ctx.settings.data_dir.clone();
+        let keyring = self.ctx.settings.secrets.clone();
         let log_path = process::log_path(&data_dir, &pod, &spec.name);
-        let pod_volumes = self.volumes.clone();
         let work = move || -> Result<(), StartFailure> {
-            let image = images
-                .pull(&spec.image, &observer)
-                .map_err(|e| StartFailure {
-                    reason: e.reason(),
-                    message: e.to_string(),
-                })?;
-            let mounts = volumes::prepare(&data_dir, &pod, &pod_volumes, &spec.volume_mounts)
-                .map_err(|e| StartFailure::create(e.to_string()))?;
+            let mounts =
+                volumes::prepare(&data_dir, &keyring, &pod, &pod_volumes, &spec.volume_mounts)
+                    .map_err(|e| StartFailure::create(e.to_string()))?;
             let config = process::container_config(&pod, &id, &spec, &image, log_path, mounts)?;
             if let Some(dir) = config.log_path.parent() {
                 std::fs::create_dir_all(dir).map_err(|e| {
@@ -399,52 +402,17 @@ impl<R: Runtime, I: Images> PodTask<R, I> {
                 other => StartFailure::create(other.to_string()),
             })
         };
-        let ctx = self.ctx.clone();
-        async move {
-            match ctx.blocking("start", work).await {
-                Ok(r) => r,
-                Err(e) => Err(StartFailure::create(e.to_string())),
-            }
+        match self.ctx.blocking("start", work).await {
+            Ok(r) => r,
+            Err(e) => Err(StartFailure::create(e.to_string())),
         }
     }
 
-    /// Watches slot `i`'s container for its exit.
-    fn watch(&mut self, i: usize) {
-        let slot = &mut self.slots[i];
-        slot.stop_watching();
-        let token = self.token.child_token();
-        slot.waiter = Some(token.clone());
-        let runtime = self.ctx.runtime.clone();
-        let tx = self.exits_tx.clone();
-        let id = slot.id.clone();
-        let probes = Probes::of(&slot.spec);
-        slot.ready = probes.is_empty();
+    /// Watches slot `i`'s container (or its outgoing one) for its exit.
+    fn watch_at(&mut self, i: usize, outgoing: bool) {
         self.runs += 1;
-        slot.run_number = self.runs;
-        let probe_token = token.clone();
-        self.ctx.tracker.spawn(async move {
-            tokio::select! {
-                () = token.cancelled() => {}
-                result = runtime.wait(&id) => {
-                    let _ = tx.send((id, result)).await;
-                }
-            }
-        });
-        if !probes.is_empty() {
-            let check = ContainerCheck::new(
-                self.ctx.runtime.clone(),
-                slot.id.clone(),
-                self.ctx.tracker.clone(),
-            );
-            let (id, run) = (slot.id.clone(), slot.run_number);
-            let tx = self.probes_tx.clone();
-            self.ctx.tracker.spawn(async move {
-                let wrap = move |event| (id.clone(), run, event);
-                tokio::select! {
-                    () = probe_token.cancelled() => {}
-                    () = probe::run(probes, check, Instant::now(), tx, wrap) => {}
-                }
-            });
+        if let Some(slot) = slot_at(&mut self.slots, i, outgoing) {
+            watch_slot(&self.ctx, &self.token, &self.events_tx, self.runs, slot);
         }
     }
 
@@ -452,10 +420,8 @@ impl<R: Runtime, I: Images> PodTask<R, I> {
     /// liveness probe has the container killed (gracefully), and its exit
     /// then goes through the restart policy like any other.
     fn on_probe(&mut self, id: &str, run: u64, event: ProbeEvent) {
-        let Some(slot) = self
-            .slots
-            .iter_mut()
-            .find(|s| s.id == id && s.run_number == run && matches!(s.run, Run::Running { .. }))
+        let Some(slot) = find_slot(&mut self.slots, id)
+            .filter(|s| s.run_number == run && matches!(s.run, Run::Running { .. }))
         else {
             return;
         };
@@ -482,12 +448,21 @@ impl<R: Runtime, I: Images> PodTask<R, I> {
         }
     }
 
+    /// A container exited: the restart policy decides, with back-off. An
+    /// outgoing one (its replacement's image not ready) is restarted too,
+    /// so the old version keeps serving; one adopted at start, whose spec
+    /// is unknown, is not.
     async fn on_exit(&mut self, id: &str, result: Result<Exit, RuntimeError>) {
-        let Some(i) = self
-            .slots
-            .iter()
-            .position(|s| s.id == id && matches!(s.run, Run::Running { .. }))
-        else {
+        let running = |s: &Slot| s.id == id && matches!(s.run, Run::Running { .. });
+        let Some((i, outgoing)) = self.slots.iter().enumerate().find_map(|(i, s)| {
+            if running(s) {
+                Some((i, false))
+            } else if s.outgoing.as_ref().is_some_and(|o| running(&o.slot)) {
+                Some((i, true))
+            } else {
+                None
+            }
+        }) else {
             return;
         };
         let (exit, wait_error) = match result {
@@ -502,6 +477,23 @@ impl<R: Runtime, I: Images> PodTask<R, I> {
                 (exit, Some(e.to_string()))
             }
         };
+        let restartable = !outgoing
+            || self.slots[i]
+                .outgoing
+                .as_ref()
+                .is_some_and(|o| o.volumes.is_some());
+        let restart = restartable && will_restart(self.policy, exit.code);
+        if outgoing && !restart {
+            // Not started again: its replacement starts when its image is
+            // ready.
+            if let Some(o) = self.slots[i].outgoing.take() {
+                let mut old = *o.slot;
+                old.stop_watching();
+            }
+            tracing::warn!(pod = %self.name, container = %id, code = exit.code, "container exited while its replacement's image is not ready; not restarted");
+            self.ctx.delete(id).await;
+            return;
+        }
         let reason = if exit.oom_killed {
             "OOMKilled"
         } else if exit.code == 0 {
@@ -509,63 +501,18 @@ impl<R: Runtime, I: Images> PodTask<R, I> {
         } else {
             "Error"
         };
-        let killed_for = self.slots[i].kill_reason.take();
-        let message = killed_for
-            .clone()
-            .or(wait_error)
-            .or_else(|| exit.signal.map(|s| format!("killed by signal {s}")));
-        let restart = will_restart(self.policy, exit.code);
         tracing::info!(
             pod = %self.name,
             container = %id,
             code = exit.code,
             reason,
             restart,
+            replaced = outgoing,
             "container exited"
         );
-        let slot = &mut self.slots[i];
-        // Ends this run's probes and any kill under way.
-        slot.stop_watching();
-        slot.ready = false;
-        if let Run::Running { since } = slot.run {
-            if since.elapsed() >= BACKOFF_RESET {
-                slot.backoff = BACKOFF_MIN;
-            }
+        if let Some(slot) = slot_at(&mut self.slots, i, outgoing) {
+            record_exit(slot, exit, reason, wait_error, restart);
         }
-        slot.state = ContainerState::Terminated {
-            exit_code: exit.code,
-            reason: reason.to_owned(),
-            message,
-            finished_at_ms: now_ms(),
-        };
-        slot.last_exit = Some(exit.code);
-        slot.run = if restart {
-            slot.restarting = true;
-            let delay = slot.next_delay();
-            // Shown as Kubernetes shows CrashLoopBackOff: waiting, with why
-            // and when the next start is due.
-            slot.state = ContainerState::Waiting {
-                reason: "BackOff".to_owned(),
-                message: Some(match &killed_for {
-                    Some(why) => format!(
-                        "{why}; exited with code {}; restarting in {} s",
-                        exit.code,
-                        delay.as_secs()
-                    ),
-                    None => format!(
-                        "exited with code {} ({reason}); restarting in {} s",
-                        exit.code,
-                        delay.as_secs()
-                    ),
-                }),
-                retry_at_ms: Some(now_ms() + delay.as_millis() as u64),
-            };
-            Run::Start {
-                at: Instant::now() + delay,
-            }
-        } else {
-            Run::Finished
-        };
         // An exited container still holds its cgroup and writable layer.
         self.ctx.delete(id).await;
     }
@@ -577,42 +524,122 @@ impl<R: Runtime, I: Images> PodTask<R, I> {
         // Replaced containers get the grace period they were started with.
         let old_grace = self.grace;
         self.grace = Duration::from_secs(u64::from(spec.termination_grace_secs));
-        self.volumes = spec.volumes;
-        let mut old = std::mem::take(&mut self.slots);
+        let old_volumes = std::mem::replace(&mut self.volumes, spec.volumes);
+        self.pull_secrets = spec.image_pull_secrets;
+        // Every container of the previous spec, and those still serving
+        // while their replacement's image is not ready.
+        let mut old: Vec<Old> = Vec::new();
+        for mut slot in std::mem::take(&mut self.slots) {
+            if let Some(o) = slot.outgoing.take() {
+                old.push(Old {
+                    slot: *o.slot,
+                    grace: o.grace,
+                    volumes: o.volumes,
+                    outgoing: true,
+                });
+            }
+            old.push(Old {
+                slot,
+                grace: old_grace,
+                volumes: Some(old_volumes.clone()),
+                outgoing: false,
+            });
+        }
         for c in spec.containers {
             let id = container_id_with_volumes(&self.name, &c, &self.volumes);
-            match old.iter().position(|s| s.id == id) {
-                Some(pos) => self.slots.push(old.remove(pos)),
-                None => self.slots.push(Slot::new(&self.name, c, &self.volumes)),
+            let (mut slot, fresh) = match old.iter().position(|o| o.slot.id == id) {
+                Some(pos) => (old.remove(pos).slot, false),
+                None => (Slot::new(&self.name, c, &self.volumes), true),
+            };
+            if !matches!(slot.run, Run::Running { .. }) {
+                // The container of that name that serves (or served, and
+                // waits to start again) goes on until this one's image is
+                // ready.
+                let serving = old.iter().position(|o| {
+                    o.slot.spec.name == slot.spec.name
+                        && (matches!(o.slot.run, Run::Running { .. })
+                            || (o.outgoing && o.slot.to_start()))
+                });
+                if let Some(pos) = serving {
+                    let o = old.remove(pos);
+                    slot.outgoing = Some(Outgoing {
+                        slot: Box::new(o.slot),
+                        grace: o.grace,
+                        volumes: o.volumes,
+                    });
+                }
             }
+            if fresh {
+                // A pull of the same image for a replaced container (a spec
+                // change that kept the image) carries on for this one.
+                let pulling = old.iter().position(|o| {
+                    !o.outgoing && o.slot.pulling() && o.slot.spec.image == slot.spec.image
+                });
+                if let Some(pos) = pulling {
+                    let o = &mut old[pos].slot;
+                    slot.run = o.run;
+                    slot.pull = o.pull.take();
+                    slot.pull_cancel = o.pull_cancel.take();
+                    slot.image = o.image.take();
+                    slot.state = o.state.clone();
+                    o.run = Run::Finished;
+                }
+            }
+            self.slots.push(slot);
         }
         // A policy change can revive a finished container or settle one
-        // waiting to restart.
+        // waiting to restart, outgoing ones included.
         for slot in &mut self.slots {
-            let Some(code) = slot.last_exit else { continue };
-            let restart = will_restart(self.policy, code);
-            match slot.run {
-                Run::Finished if restart => {
-                    slot.restarting = true;
-                    slot.run = Run::Start { at: Instant::now() };
+            if let Some(code) = slot.last_exit {
+                let restart = will_restart(self.policy, code);
+                match slot.run {
+                    Run::Finished if restart => {
+                        slot.restarting = true;
+                        slot.run = Run::Start { at: Instant::now() };
+                    }
+                    _ if slot.to_start() && slot.restarting && !restart => {
+                        slot.abandon_pull();
+                        slot.run = Run::Finished;
+                    }
+                    _ => {}
                 }
-                Run::Start { .. } if slot.restarting && !restart => slot.run = Run::Finished,
-                _ => {}
+            }
+            let settled = slot.outgoing.as_ref().is_some_and(|o| {
+                o.slot.to_start()
+                    && o.slot
+                        .last_exit
+                        .is_some_and(|code| !will_restart(self.policy, code))
+            });
+            if settled {
+                if let Some(o) = slot.outgoing.take() {
+                    old.push(Old {
+                        slot: *o.slot,
+                        grace: o.grace,
+                        volumes: o.volumes,
+                        outgoing: true,
+                    });
+                }
             }
         }
         let (mut running, mut dead) = (Vec::new(), Vec::new());
-        for mut slot in old {
+        let mut grace = Duration::ZERO;
+        for o in old {
+            let mut slot = o.slot;
             slot.stop_watching();
+            slot.abandon_pull();
             match slot.run {
-                Run::Running { .. } => running.push(slot.id),
+                Run::Running { .. } => {
+                    running.push(slot.id);
+                    grace = grace.max(o.grace);
+                }
                 _ if slot.failed_start => dead.push(slot.id),
                 _ => {}
             }
         }
         if !running.is_empty() || !dead.is_empty() {
-            tracing::info!(pod = %self.name, replaced = ?running, "replacing changed containers");
+            tracing::info!(pod = %self.name, removed = ?running, "removing containers no longer desired");
             self.report().await;
-            self.ctx.stop_and_delete(running, dead, old_grace).await;
+            self.ctx.stop_and_delete(running, dead, grace).await;
         }
     }
 
@@ -620,8 +647,17 @@ impl<R: Runtime, I: Images> PodTask<R, I> {
         self.terminating = true;
         self.report().await;
         let (mut running, mut dead) = (Vec::new(), Vec::new());
+        let outgoing: Vec<Slot> = self
+            .slots
+            .iter_mut()
+            .filter_map(|s| s.outgoing.take().map(|o| *o.slot))
+            .collect();
+        self.slots.extend(outgoing);
         for slot in &mut self.slots {
             slot.stop_watching();
+            // Pulls in flight are left behind: removing the pod does not
+            // wait for the network.
+            slot.abandon_pull();
             match slot.run {
                 Run::Running { .. } => running.push(slot.id.clone()),
                 _ if slot.failed_start => dead.push(slot.id.clone()),
@@ -635,78 +671,62 @@ impl<R: Runtime, I: Images> PodTask<R, I> {
         // An error means the agent is shutting down; nothing to report to.
         let _ = self.ctx.reports.pod_gone(self.name.clone()).await;
     }
+}
 
-    async fn report(&self) {
-        let _ = self.ctx.reports.pod(self.status()).await;
-    }
-
-    fn status(&self) -> PodStatus {
-        let (phase, message) = self.phase();
-        PodStatus {
-            name: self.name.clone(),
-            workload: self.workload.clone(),
-            generation: self.generation,
-            phase,
-            message,
-            containers: self
-                .slots
-                .iter()
-                .map(|s| ContainerStatus {
-                    name: s.spec.name.clone(),
-                    state: s.state.clone(),
-                    restarts: s.restarts,
-                    ready: s.ready && matches!(s.state, ContainerState::Running { .. }),
-                    pull: s.pull,
-                })
-                .collect(),
+/// Records a container's exit in its slot: terminated, or waiting to
+/// restart after back-off.
+fn record_exit(
+    slot: &mut Slot,
+    exit: Exit,
+    reason: &str,
+    wait_error: Option<String>,
+    restart: bool,
+) {
+    let killed_for = slot.kill_reason.take();
+    let message = killed_for
+        .clone()
+        .or(wait_error)
+        .or_else(|| exit.signal.map(|s| format!("killed by signal {s}")));
+    // Ends this run's probes and any kill under way.
+    slot.stop_watching();
+    slot.ready = false;
+    if let Run::Running { since } = slot.run {
+        if since.elapsed() >= BACKOFF_RESET {
+            slot.backoff = BACKOFF_MIN;
         }
     }
-
-    fn phase(&self) -> (PodPhase, Option<String>) {
-        if self.terminating {
-            return (PodPhase::Terminating, None);
+    slot.state = ContainerState::Terminated {
+        exit_code: exit.code,
+        reason: reason.to_owned(),
+        message,
+        finished_at_ms: now_ms(),
+    };
+    slot.last_exit = Some(exit.code);
+    slot.run = if restart {
+        slot.restarting = true;
+        let delay = slot.next_delay();
+        // Shown as Kubernetes shows CrashLoopBackOff: waiting, with why
+        // and when the next start is due.
+        slot.state = ContainerState::Waiting {
+            reason: "BackOff".to_owned(),
+            message: Some(match &killed_for {
+                Some(why) => format!(
+                    "{why}; exited with code {}; restarting in {} s",
+                    exit.code,
+                    delay.as_secs()
+                ),
+                None => format!(
+                    "exited with code {} ({reason}); restarting in {} s",
+                    exit.code,
+                    delay.as_secs()
+                ),
+            }),
+            retry_at_ms: Some(now_ms() + delay.as_millis() as u64),
+        };
+        Run::Start {
+            at: Instant::now() + delay,
         }
-        let waiting = self.slots.iter().find_map(|s| match &s.state {
-            ContainerState::Waiting {
-                reason,
-                message: Some(m),
-                ..
-            } => Some(format!("container {}: {reason}: {m}", s.spec.name)),
-            _ => None,
-        });
-        if self.slots.iter().any(|s| !s.ever_started) {
-            return (PodPhase::Pending, waiting);
-        }
-        if self
-            .slots
-            .iter()
-            .any(|s| matches!(s.run, Run::Running { .. }))
-        {
-            return (PodPhase::Running, None);
-        }
-        if let Some(s) = self
-            .slots
-            .iter()
-            .find(|s| matches!(s.run, Run::Start { .. }))
-        {
-            let message = waiting.unwrap_or_else(|| {
-                format!(
-                    "container {}: waiting to restart after back-off",
-                    s.spec.name
-                )
-            });
-            return (PodPhase::Pending, Some(message));
-        }
-        match self.slots.iter().find(|s| s.last_exit != Some(0)) {
-            None => (PodPhase::Succeeded, None),
-            Some(s) => (
-                PodPhase::Failed,
-                Some(format!(
-                    "container {} exited with code {}",
-                    s.spec.name,
-                    s.last_exit.unwrap_or(-1)
-                )),
-            ),
-        }
-    }
+    } else {
+        Run::Finished
+    };
 }

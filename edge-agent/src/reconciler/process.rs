@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use flotilla_proto::{ContainerSpec, EnvVar, Volume};
+use flotilla_proto::{ContainerSpec, EnvVar, PodSpec, Volume};
 use sha2::{Digest, Sha256};
 
 use crate::image::{Image, ImageConfig, resolve_user};
@@ -48,12 +48,18 @@ pub fn container_id_with_volumes(pod: &str, spec: &ContainerSpec, volumes: &[Vol
     hash_part(&mut h, &stable_encoding(spec));
     for m in &spec.volume_mounts {
         if let Some(v) = volumes.iter().find(|v| v.name == m.name) {
-            hash_part(&mut h, &stable_encoding(v));
+            hash_part(&mut h, &stable_encoding(&*super::volumes::for_id(v)));
         }
     }
     let digest = h.finalize();
     let hex: String = digest[..4].iter().map(|b| format!("{b:02x}")).collect();
     format!("{pod}.{}.{hex}", spec.name)
+}
+
+/// A pod spec's SHA-256, which the reconciler keeps instead of the spec
+/// (its pod task holds that) to see whether a new desired state changes it.
+pub(super) fn spec_digest(spec: &PodSpec) -> [u8; 32] {
+    Sha256::digest(stable_encoding(spec)).into()
 }
 
 /// Feeds one part, length first, so parts cannot run into each other.
@@ -138,6 +144,7 @@ pub(crate) fn container_config(
         resources: spec.resources,
         log_path,
         mounts,
+        security: spec.security_context.clone().unwrap_or_default(),
     })
 }
 
@@ -289,6 +296,7 @@ mod tests {
             liveness_probe: None,
             readiness_probe: None,
             startup_probe: None,
+            security_context: None,
         };
         let id = container_id("shop", &spec);
         assert_eq!(id, container_id("shop", &spec.clone()));

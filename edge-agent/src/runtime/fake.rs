@@ -241,6 +241,7 @@ mod tests {
             resources: Resources::default(),
             log_path: PathBuf::from("/nonexistent/log"),
             mounts: vec![],
+            security: Default::default(),
         }
     }
 

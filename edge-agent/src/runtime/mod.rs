@@ -12,16 +12,17 @@ use std::future::Future;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use flotilla_proto::Resources;
+use flotilla_proto::{Resources, SecurityContext};
 
 /// Everything needed to create and start one container.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ContainerConfig {
     /// Runtime id, unique on the node: `{pod}.{container}.{spec hash}`.
     pub id: String,
-    /// The image's unpacked root filesystem, shared read-only by every
-    /// container of that image; the runtime gives each container its own
-    /// writable layer on top.
+    /// The image's root filesystem, shared read-only by every container of
+    /// that image (its layer list in the image store, or a plain
+    /// directory); the runtime gives each container its own writable layer
+    /// on top.
     pub image_rootfs: PathBuf,
     /// The process: argv (never empty), environment as `KEY=value`, working
     /// directory (absolute), and user.
@@ -42,6 +43,8 @@ pub struct ContainerConfig {
     pub log_path: PathBuf,
     /// Host files and directories bind-mounted into the container, in order.
     pub mounts: Vec<Mount>,
+    /// Privileges beyond the hardened default (none by default).
+    pub security: SecurityContext,
 }
 
 /// A host file or directory bind-mounted into a container.

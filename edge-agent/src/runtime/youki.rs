@@ -9,10 +9,13 @@
 //! `/{cgroup_parent}/{id}` in every hierarchy.
 
 mod cgroup;
+pub mod devices_v2;
 mod exec;
 pub mod helper;
 mod process;
+mod program_file;
 mod rootfs;
+mod seccomp;
 mod spec;
 
 use std::collections::HashMap;
@@ -22,6 +25,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
+pub use self::spec::{capability_mask, default_capabilities};
 use libcontainer::container::{Container, ContainerStatus};
 pub use oci_spec::runtime::Capability;
 use tokio::io::Interest;
@@ -129,9 +133,10 @@ impl YoukiRuntime {
         Ok(runtime)
     }
 
-    /// Replaces the capability set every container gets (Docker's default
-    /// set unless changed). Capabilities outside the host's bounding set make
-    /// `start` fail naming them.
+    /// Replaces the capability set every container gets unless its security
+    /// context changes it (Docker's default set unless changed).
+    /// Capabilities outside the host's bounding set make `start` fail naming
+    /// them.
     pub fn with_capabilities(mut self, capabilities: Vec<Capability>) -> Self {
         self.capabilities = capabilities.into();
         self
@@ -177,7 +182,12 @@ impl YoukiRuntime {
         Ok(())
     }
 
-    fn start_in_bundle(&self, config: &ContainerConfig, bundle: &Path) -> Result<(), RuntimeError> {
+    fn start_in_bundle(
+        &self,
+        config: &ContainerConfig,
+        caps: &[Capability],
+        bundle: &Path,
+    ) -> Result<(), RuntimeError> {
         let id = config.id.as_str();
         let create = |reason: &dyn std::fmt::Display| RuntimeError::Create {
             id: id.to_owned(),
@@ -197,10 +207,26 @@ impl YoukiRuntime {
             swap_accounting: self.inner.hierarchies.swap_accounting(),
         };
         let cgroups_path = format!("/{}", cgroup.display());
-        let spec =
-            spec::build(config, &cgroups_path, &self.capabilities, host).map_err(|e| create(&e))?;
+        let spec = spec::build(config, &cgroups_path, caps, host).map_err(|e| create(&e))?;
         spec.save(bundle.join("config.json"))
             .map_err(|e| create(&format!("writing config.json: {e}")))?;
+        // libcontainer without libseccomp ignores `linux.seccomp`: the
+        // profile is compiled here, for this container's capabilities, and
+        // installed by the helper's executor.
+        let security = &config.security;
+        let seccomp = if security.privileged || security.seccomp_unconfined {
+            None
+        } else {
+            let path = bundle.join(seccomp::FILE_NAME);
+            seccomp::compile(spec::capability_mask(caps))
+                .and_then(|program| program.save(&path))
+                .map_err(|e| create(&e))?;
+            Some(path)
+        };
+        // Likewise the device allowlist on cgroup v2 (libcontainer's needs
+        // libbpf): compiled here, attached by the helper before the start.
+        let devices = devices_v2::prepare(&self.inner.hierarchies, &spec, bundle, &cgroup)
+            .map_err(|e| create(&e))?;
 
         if let Some(dir) = config.log_path.parent() {
             std::fs::create_dir_all(dir)
@@ -213,6 +239,8 @@ impl YoukiRuntime {
                 id,
                 bundle,
                 log: &config.log_path,
+                seccomp: seccomp.as_deref(),
+                devices: devices.as_ref(),
             },
         )
         .map_err(|e| create(&e))?;
@@ -462,8 +490,9 @@ impl Runtime for YoukiRuntime {
         spec::validate(config).map_err(|e| create(e.to_string()))?;
         spec::check_mount_sources(config).map_err(|e| create(e.to_string()))?;
         let bounding = spec::host_bounding_set().map_err(|e| create(e.to_string()))?;
-        spec::check_capabilities(&self.capabilities, bounding)
+        let caps = spec::container_capabilities(&self.capabilities, &config.security, bounding)
             .map_err(|e| create(e.to_string()))?;
+        spec::check_capabilities(&caps, bounding).map_err(|e| create(e.to_string()))?;
         if self.inner.state_root.join(id).exists() {
             return Err(create("a container with this id already exists".into()));
         }
@@ -478,7 +507,7 @@ impl Runtime for YoukiRuntime {
             .create(&bundle)
             .map_err(|e| create(format!("creating bundle {}: {e}", bundle.display())))?;
         self.inner.exits().remove(id);
-        if let Err(err) = self.start_in_bundle(config, &bundle) {
+        if let Err(err) = self.start_in_bundle(config, &caps, &bundle) {
             if let Err(cleanup) = self.inner.delete(id) {
                 tracing::warn!(%id, error = %cleanup, "cleanup after a failed start failed");
             }

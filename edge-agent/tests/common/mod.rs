@@ -10,7 +10,9 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use flotilla_agent::runtime::youki::YoukiRuntime;
 
+pub mod layered;
 pub mod reconciler;
+pub mod sealing;
 
 /// Applets linked into the test root filesystem.
 const APPLETS: &[&str] = &[

@@ -1,15 +1,18 @@
 //! The reconciler on the fake runtime and fake images, with its reporter:
-//! what the reconciler and probe tests drive, under paused time.
+//! what the reconciler and probe tests drive, under paused time; or with a
+//! runtime, images and sealing key of the test's choosing.
 
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use flotilla_agent::image::FakeImages;
+use flotilla_agent::image::{FakeImages, Images};
 use flotilla_agent::reconciler::{self, ReconcilerHandle, Settings};
 use flotilla_agent::report::{self, ReportTiming};
+use flotilla_agent::runtime::Runtime;
 use flotilla_agent::runtime::fake::FakeRuntime;
+use flotilla_agent::secrets::{Keyring, SealingKey};
 use flotilla_proto::{DesiredState, NodeInfo, NodeStatus, PodSpec, PodStatus};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -23,11 +26,12 @@ pub fn desired(generation: u64, pods: Vec<PodSpec>) -> DesiredState {
         node: "n1".into(),
         generation,
         pods,
+        prefetch: Vec::new(),
     }
 }
 
-pub struct Harness {
-    pub runtime: FakeRuntime,
+pub struct Harness<R = FakeRuntime> {
+    pub runtime: Arc<R>,
     pub reconciler: ReconcilerHandle,
     pub status: watch::Receiver<NodeStatus>,
     pub tracker: TaskTracker,
@@ -37,6 +41,28 @@ pub struct Harness {
 
 impl Harness {
     pub fn start(runtime: FakeRuntime, initial: Option<DesiredState>) -> Self {
+        Self::start_with_images(runtime, Arc::new(FakeImages), initial)
+    }
+
+    /// [`Harness::start`] with images of the test's choosing.
+    pub fn start_with_images<I: Images>(
+        runtime: FakeRuntime,
+        images: Arc<I>,
+        initial: Option<DesiredState>,
+    ) -> Self {
+        Harness::start_custom(Arc::new(runtime), images, None, initial)
+    }
+}
+
+impl<R: Runtime> Harness<R> {
+    /// The reconciler of node `n1` with this runtime, these images and this
+    /// sealing key.
+    pub fn start_custom<I: Images>(
+        runtime: Arc<R>,
+        images: Arc<I>,
+        key: Option<SealingKey>,
+        initial: Option<DesiredState>,
+    ) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let tracker = TaskTracker::new();
         let shutdown = CancellationToken::new();
@@ -56,10 +82,11 @@ impl Harness {
         let settings = Settings {
             data_dir: dir.path().to_path_buf(),
             stop_grace: Duration::from_secs(10),
+            secrets: Keyring::new("n1", &dir.path().join("run"), key),
         };
         let reconciler = reconciler::spawn(
-            Arc::new(runtime.clone()),
-            Arc::new(FakeImages),
+            runtime.clone(),
+            images,
             settings,
             initial,
             reports,

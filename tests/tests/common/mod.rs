@@ -182,6 +182,18 @@ impl Controller {
         netns: Option<&str>,
         ip: &str,
     ) -> Controller {
+        Self::start_full(dir, broker, api_port, netns, ip, |_| {})
+    }
+
+    /// [`Controller::start_at`], `extra` adding arguments to `serve`.
+    pub fn start_full(
+        dir: &Path,
+        broker: Broker,
+        api_port: u16,
+        netns: Option<&str>,
+        ip: &str,
+        extra: impl FnOnce(&mut Command),
+    ) -> Controller {
         let data_dir = dir.join("controller");
         let mut cmd = command_in(netns, &bin("flotilla"));
         cmd.arg("serve")
@@ -202,9 +214,10 @@ impl Controller {
         // Agents of the shared harness connect without credentials; the
         // trust tests enroll theirs and start controllers without this.
         cmd.arg("--allow-anonymous");
+        extra(&mut cmd);
         cmd.env("FLOTILLA_LOG", "debug,rmqtt=warn,rmqtt_net=warn,redb=warn");
         let proc = Proc::spawn(&mut cmd, next_log(dir, "controller"));
-        let api = format!("http://127.0.0.1:{api_port}");
+        let api = format!("https://127.0.0.1:{api_port}");
         let c = Controller {
             proc,
             data_dir,
@@ -236,13 +249,16 @@ impl Controller {
         format!("mqtt://{}:{}", self.ip, self.mqtt_port)
     }
 
+    /// The CLI, set up for this controller (server, admin token, CA).
+    pub fn cli_command(&self) -> Command {
+        let mut cmd = command_in(self.netns.as_deref(), &bin("flotilla"));
+        api_env(&mut cmd, &self.api, &self.data_dir);
+        cmd
+    }
+
     /// Runs the CLI against this controller.
     pub fn cli(&self, args: &[&str]) -> Output {
-        command_in(self.netns.as_deref(), &bin("flotilla"))
-            .args(args)
-            .env("FLOTILLA_SERVER", &self.api)
-            .output()
-            .unwrap()
+        self.cli_command().args(args).output().unwrap()
     }
 
     /// Runs the CLI and parses its JSON output; panics with stderr on failure.
@@ -285,12 +301,58 @@ impl Controller {
     }
 }
 
+/// Points a `flotilla` CLI command at the API `api` (`https://…`) of the
+/// controller whose data dir is `data_dir`: its admin token (written on its
+/// first start, read afresh each time) and its CA. The one place tests
+/// learn how the CLI authenticates.
+pub fn api_env(cmd: &mut Command, api: &str, data_dir: &Path) {
+    cmd.env("FLOTILLA_SERVER", api)
+        .env("FLOTILLA_CA", data_dir.join("ca.pem"));
+    match std::fs::read_to_string(data_dir.join("admin.token")) {
+        Ok(token) => cmd.env("FLOTILLA_TOKEN", token.trim()),
+        // Not written yet: no token, rather than the one of a controller
+        // in the default data dir.
+        Err(_) => cmd.env("FLOTILLA_TOKEN", ""),
+    };
+}
+
 /// How an agent started in `dir` checks desired state: it pins the key of
 /// the controller that `Controller::start` runs in the same `dir` (the
 /// controller writes `signing.pub` before its API answers).
 pub fn trust_args(dir: &Path) -> Vec<std::ffi::OsString> {
     let key = dir.join("controller").join("signing.pub");
     vec!["--controller-key".into(), key.into_os_string()]
+}
+
+/// Enrolls `node` as a device does: a one-use join token from `flotilla
+/// token create --ttl TTL`, then `flotilla-agent join` into the data dir
+/// [`Agent::start_in`] uses. Returns the token and join's output.
+pub fn enroll(c: &Controller, dir: &Path, node: &str, ttl: &str) -> (String, Output) {
+    let out = c.cli(&["token", "create", "--ttl", ttl]);
+    assert!(
+        out.status.success(),
+        "token create: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let token = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    let joined = join(c, dir, node, &token);
+    (token, joined)
+}
+
+/// `flotilla-agent join` with `token` into `node`'s data dir.
+pub fn join(c: &Controller, dir: &Path, node: &str, token: &str) -> Output {
+    Command::new(bin("flotilla-agent"))
+        .arg("join")
+        .arg("--server")
+        .arg(&c.api)
+        .arg("--token")
+        .arg(token)
+        .arg("--node")
+        .arg(node)
+        .arg("--data-dir")
+        .arg(dir.join(format!("agent-{node}")))
+        .output()
+        .unwrap()
 }
 
 /// A running `flotilla-agent` with the real (youki) runtime.
@@ -314,6 +376,18 @@ impl Agent {
         labels: &[&str],
         netns: Option<&str>,
     ) -> Agent {
+        Self::start_with(dir, node, broker_url, labels, netns, |_| {})
+    }
+
+    /// [`Agent::start_in`], `extra` adding arguments or environment.
+    pub fn start_with(
+        dir: &Path,
+        node: &str,
+        broker_url: &str,
+        labels: &[&str],
+        netns: Option<&str>,
+        extra: impl FnOnce(&mut Command),
+    ) -> Agent {
         let data_dir = dir.join(format!("agent-{node}"));
         let run_dir = dir.join(format!("run-{node}"));
         let mut cmd = command_in(netns, &bin("flotilla-agent"));
@@ -330,6 +404,7 @@ impl Agent {
         for l in labels {
             cmd.arg("--label").arg(l);
         }
+        extra(&mut cmd);
         let proc = Proc::spawn(&mut cmd, next_log(dir, &format!("agent-{node}")));
         Agent {
             proc,

@@ -1,11 +1,15 @@
 //! Times one container's whole life — create, start, run `/bin/true`, exit,
-//! delete — through the agent's runtime (libcontainer, in process, as the
-//! agent runs it) and through `runc run` and `crun run` of a bundle with the
-//! same root filesystem, process and limits. Runs are interleaved so that a
-//! noisy moment hits all three alike. Prints a Markdown table.
+//! delete — through the agent's runtime (libcontainer, creating through its
+//! single-threaded helper process, as the agent runs it) and through `runc
+//! run` and `crun run` of a bundle with the same root filesystem, process and
+//! limits; and, apart, what the helper's process alone costs (spawn, exec,
+//! exit with no work). Runs are interleaved so that a noisy moment hits all
+//! alike. Prints a Markdown table.
 //!
-//! `footprint-start-time WORK_DIR RUNS`; needs root, /bin/busybox (static),
-//! runc and crun.
+//! `footprint-start-time WORK_DIR RUNS [HELPER]`: HELPER is the binary the
+//! runtime re-executes as its helper (the agent's static binary, as on a
+//! device); without it, this binary. Needs root, /bin/busybox (static), runc
+//! and crun.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -41,11 +45,17 @@ fn main() -> std::process::ExitCode {
 
 fn run() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let [work, runs] = args.as_slice() else {
-        bail!("usage: footprint-start-time WORK_DIR RUNS");
+    let (work, runs, helper) = match args.as_slice() {
+        [work, runs] => (work, runs, None),
+        [work, runs, helper] => (work, runs, Some(std::path::absolute(helper)?)),
+        _ => bail!("usage: footprint-start-time WORK_DIR RUNS [HELPER]"),
     };
     let work = std::path::absolute(work)?;
     let runs: usize = runs.parse().context("RUNS: expected a number")?;
+    let helper = match helper {
+        Some(h) => h,
+        None => std::env::current_exe()?,
+    };
     let rootfs = busybox_rootfs(&work.join("rootfs"))?;
     let bundle = oci_bundle(&work.join("bundle"), &rootfs)?;
 
@@ -54,17 +64,19 @@ fn run() -> Result<()> {
         work.join("state"),
         work.join("containers"),
         format!("flotilla-bench/{node}"),
-    )?;
+    )?
+    .with_helper(helper.clone());
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let mut times: [Vec<Duration>; 3] = Default::default();
+    let mut times: [Vec<Duration>; 4] = Default::default();
     // Two warm-up rounds fill the page cache and the cgroup parents.
     for i in 0..runs + 2 {
         let t = [
             agent_runtime(&youki, &rt, &rootfs, &work, i)?,
             oci_cli("runc", &bundle, i, false)?,
             oci_cli("crun", &bundle, i, true)?,
+            helper_alone(&helper)?,
         ];
         if i >= 2 {
             for (all, t) in times.iter_mut().zip(t) {
@@ -74,10 +86,16 @@ fn run() -> Result<()> {
     }
     println!("| runtime | median | p90 | min | runs |");
     println!("|---|---:|---:|---:|---:|");
+    let size = std::fs::metadata(&helper).map(|m| m.len()).unwrap_or(0);
+    let alone = format!(
+        "of which the helper process alone (spawn, exec of the {:.2} MiB binary, exit)",
+        size as f64 / f64::from(1 << 20)
+    );
     let names = [
-        "flotilla-agent runtime (libcontainer, in process)",
+        "flotilla-agent runtime (libcontainer, through its helper process)",
         "`runc run` (runc 1.1.5)",
         "`crun run` (crun 1.8.1)",
+        alone.as_str(),
     ];
     for (name, mut t) in names.into_iter().zip(times) {
         t.sort();
@@ -165,6 +183,7 @@ fn agent_runtime(
         },
         log_path: work.join("agent-runtime.log"),
         mounts: Vec::new(),
+        security: Default::default(),
     };
     let start = Instant::now();
     youki.start(&config)?;
@@ -173,6 +192,22 @@ fn agent_runtime(
     let took = start.elapsed();
     if exit.code != 0 {
         bail!("agent runtime: /bin/true exited {}", exit.code);
+    }
+    Ok(took)
+}
+
+/// The helper's own cost: it is spawned and exec'd like for a create, and
+/// exits at once on its missing arguments.
+fn helper_alone(helper: &Path) -> Result<Duration> {
+    let start = Instant::now();
+    let out = Command::new(helper)
+        .arg(flotilla_agent::runtime::youki::helper::ARG)
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| helper.display().to_string())?;
+    let took = start.elapsed();
+    if out.status.success() || out.stderr.is_empty() {
+        bail!("the helper with no request: expected an error, got {out:?}");
     }
     Ok(took)
 }

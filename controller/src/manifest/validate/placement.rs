@@ -9,8 +9,9 @@ use serde_norway::{Mapping, Value};
 
 use super::super::quantity::{parse_cpu, parse_memory};
 use super::super::{
-    ARCHITECTURES, Amount, DEFAULT_HEALTHY_SECS, DEFAULT_PROGRESS_DEADLINE_SECS,
-    DEFAULT_TOLERATION_SECS, MAX_REPLICAS, Placement, Requests, Scheduling, Strategy,
+    ARCHITECTURES, Amount, DEFAULT_HEALTHY_SECS, DEFAULT_PREFETCH_TIMEOUT_SECS,
+    DEFAULT_PROGRESS_DEADLINE_SECS, DEFAULT_TOLERATION_SECS, MAX_REPLICAS, Placement, Requests,
+    Scheduling, Strategy,
 };
 use super::{Check, field, optional, shown};
 
@@ -153,6 +154,8 @@ impl Check<'_> {
             "healthySeconds",
             "failureThreshold",
             "progressDeadlineSeconds",
+            "prefetch",
+            "prefetchTimeoutSeconds",
         ];
         let m = self.map(path, v, &fields)?;
         let mut waves = Vec::new();
@@ -188,6 +191,14 @@ impl Check<'_> {
                 .and_then(|v| c.whole(&field(path, key), v, 0))
                 .unwrap_or(default)
         };
+        let prefetch = match optional(m, "prefetch") {
+            None => false,
+            Some(Value::Bool(b)) => *b,
+            Some(other) => {
+                self.expected(&field(path, "prefetch"), "true or false", other);
+                false
+            }
+        };
         Some(Strategy {
             waves,
             max_unavailable,
@@ -197,6 +208,12 @@ impl Check<'_> {
                 self,
                 "progressDeadlineSeconds",
                 DEFAULT_PROGRESS_DEADLINE_SECS,
+            ),
+            prefetch,
+            prefetch_timeout_secs: secs(
+                self,
+                "prefetchTimeoutSeconds",
+                DEFAULT_PREFETCH_TIMEOUT_SECS,
             ),
         })
     }

@@ -38,7 +38,7 @@ impl Check<'_> {
         let mut budget = Budget::default();
         for (i, item) in items.iter().enumerate() {
             let at = format!("{path}[{i}]");
-            let fields = ["name", "hostPath", "emptyDir", "config"];
+            let fields = ["name", "hostPath", "emptyDir", "config", "secret"];
             let Some(m) = self.map(&at, item, &fields) else {
                 continue;
             };
@@ -53,23 +53,24 @@ impl Check<'_> {
                 }
                 Some(name.to_owned())
             });
-            let sources: Vec<(&str, &Value)> = ["hostPath", "emptyDir", "config"]
+            let sources: Vec<(&str, &Value)> = ["hostPath", "emptyDir", "config", "secret"]
                 .into_iter()
                 .filter_map(|k| m.get(k).map(|v| (k, v)))
                 .collect();
             if let Some(name) = &name {
-                let config = matches!(sources.as_slice(), [("config", _)]);
+                // Secret volumes are read-only as config ones are.
+                let config = matches!(sources.as_slice(), [("config" | "secret", _)]);
                 declared.config.insert(name.clone(), config);
             }
             let source = match sources.as_slice() {
                 [] => {
-                    self.err(&at, "expected one of hostPath, emptyDir, config");
+                    self.err(&at, "expected one of hostPath, emptyDir, config, secret");
                     None
                 }
                 [(one, v)] => self.volume_source(&field(&at, one), one, v, &mut budget),
                 [(first, _), (second, _), ..] => {
                     let msg = format!(
-                        "only one of hostPath, emptyDir, config may be given, found {first} and {second}"
+                        "only one of hostPath, emptyDir, config, secret may be given, found {first} and {second}"
                     );
                     self.err(&at, msg);
                     None
@@ -104,6 +105,7 @@ impl Check<'_> {
                 }
                 Some(VolumeSource::Scratch)
             }
+            "secret" => self.secret_volume(path, v),
             _ => {
                 let m = self.map(path, v, &["files"])?;
                 let files = self.required(path, m, "files")?;
@@ -226,7 +228,7 @@ impl Check<'_> {
         }
     }
 
-    fn file_mode(&mut self, path: &str, v: &Value) -> Option<u32> {
+    pub(super) fn file_mode(&mut self, path: &str, v: &Value) -> Option<u32> {
         let Value::String(s) = v else {
             let msg = match v {
                 // `0644` reads as text; `644` (or `0o644`) as a number,
@@ -353,7 +355,7 @@ impl Check<'_> {
 
     /// A path relative to a volume: not absolute, no empty, `.` or `..`
     /// component, so that it stays inside the volume's directory.
-    fn relative_path(&mut self, path: &str, p: &str) -> bool {
+    pub(super) fn relative_path(&mut self, path: &str, p: &str) -> bool {
         if p.is_empty() {
             self.err(path, "must not be empty");
             return false;

@@ -1,7 +1,7 @@
 //! The host's cgroup hierarchies as the runtime needs them beyond what
 //! libcontainer does: where a container's cgroup lives in each, its OOM-kill
-//! counter, the v2 swap limit, and removing it with the empty parents that
-//! libcontainer leaves behind.
+//! counter, the v2 swap limit, which hierarchy controls devices, and
+//! removing it with the empty parents that libcontainer leaves behind.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -31,6 +31,8 @@ pub struct Hierarchies {
     v1: Vec<PathBuf>,
     /// The v1 hierarchy holding the memory controller, if any.
     v1_memory: Option<PathBuf>,
+    /// A v1 hierarchy holds the devices controller.
+    v1_devices: bool,
     /// The cgroup2 mount point, if any (on hybrid hosts it may hold no
     /// controllers).
     unified: Option<PathBuf>,
@@ -54,6 +56,7 @@ impl Hierarchies {
     fn parse(mountinfo: &str) -> Self {
         let mut v1 = Vec::new();
         let mut v1_memory = None;
+        let mut v1_devices = false;
         let mut unified = None;
         for line in mountinfo.lines() {
             // `id parent maj:min root mountpoint options [optional...] - fstype source superoptions`
@@ -72,6 +75,7 @@ impl Hierarchies {
                     if super_options.split(',').any(|o| o == "memory") {
                         v1_memory = Some(path.clone());
                     }
+                    v1_devices |= super_options.split(',').any(|o| o == "devices");
                     v1.push(path);
                 }
                 "cgroup2" => unified = Some(path),
@@ -81,6 +85,7 @@ impl Hierarchies {
         Self {
             v1,
             v1_memory,
+            v1_devices,
             unified,
         }
     }
@@ -96,6 +101,13 @@ impl Hierarchies {
     /// Whether memory is limited through cgroup v2 (no v1 memory controller).
     pub fn memory_on_v2(&self) -> bool {
         self.v1_memory.is_none() && self.unified.is_some()
+    }
+
+    /// The cgroup v2 root when device access is controlled there (no v1
+    /// `devices` controller): by a BPF program per cgroup, which the
+    /// runtime attaches itself.
+    pub fn devices_on_v2(&self) -> Option<&Path> {
+        self.unified.as_deref().filter(|_| !self.v1_devices)
     }
 
     /// Whether the kernel accounts swap, so a memory+swap limit can be set.
@@ -239,9 +251,15 @@ mod tests {
         );
         assert_eq!(h.v1_memory, Some(PathBuf::from("/sys/fs/cgroup/memory")));
         assert!(!h.memory_on_v2());
+        // No v1 devices controller: the device programs go to cgroup v2.
+        assert_eq!(h.devices_on_v2(), Some(Path::new("/sys/fs/cgroup/unified")));
+        let with_devices =
+            format!("{HYBRID}46 40 0:40 / /sys/fs/cgroup/devices rw - cgroup cgroup rw,devices\n");
+        assert_eq!(Hierarchies::parse(&with_devices).devices_on_v2(), None);
 
         let v2 = Hierarchies::parse("1 0 0:1 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw\n");
         assert!(v2.memory_on_v2());
+        assert_eq!(v2.devices_on_v2(), Some(Path::new("/sys/fs/cgroup")));
         assert_eq!(v2.roots().count(), 1);
     }
 
@@ -254,6 +272,7 @@ mod tests {
         let h = Hierarchies {
             v1: vec![root.clone()],
             v1_memory: Some(root.clone()),
+            v1_devices: false,
             unified: None,
         };
         h.remove(Path::new("flotilla/node"), "a").unwrap();
@@ -279,6 +298,7 @@ mod tests {
         let h = Hierarchies {
             v1: vec![tmp.path().to_path_buf()],
             v1_memory: Some(tmp.path().to_path_buf()),
+            v1_devices: false,
             unified: None,
         };
         assert_eq!(h.oom_kills(Path::new("p/c")), Some(2));

@@ -13,7 +13,7 @@ use nix::unistd::Pid;
 use oci_spec::runtime::Spec;
 
 use super::process::{InitProcess, Reaped};
-use super::{KILL_PATIENCE, helper, serial};
+use super::{KILL_PATIENCE, helper, seccomp, serial};
 use crate::runtime::RuntimeError;
 
 /// Prefix of the sockets the tenant builder leaves in the container's state
@@ -61,6 +61,9 @@ pub(super) fn run(
         .ok_or_else(|| other("config.json has no process".into()))?;
     let (uid, gid) = (process.user().uid(), process.user().gid());
     let cwd = process.cwd().clone();
+    // The container's own filter, or none if it runs without one.
+    let filter = bundle.join(seccomp::FILE_NAME);
+    let filter = filter.exists().then_some(filter.as_path());
 
     let pid = {
         let request = helper::Request::Exec {
@@ -69,6 +72,7 @@ pub(super) fn run(
             cwd: &cwd,
             uid,
             gid,
+            seccomp: filter,
             argv,
         };
         let pid = helper::call(helper, &request);

@@ -20,9 +20,14 @@ use libcontainer::container::builder::ContainerBuilder;
 use libcontainer::syscall::syscall::SyscallType;
 
 use super::chain;
+use super::devices_v2::{self, Attach};
+use super::seccomp::{FilteredExecutor, Program};
 
 /// First argument that makes the agent binary act as the helper.
 pub const ARG: &str = "__runtime-helper";
+
+/// The seccomp (or device program) argument that means none.
+const NO_SECCOMP: &str = "-";
 
 /// Most bytes of the helper's error output kept for the error message.
 const MAX_ERROR_BYTES: usize = 4096;
@@ -30,20 +35,27 @@ const MAX_ERROR_BYTES: usize = 4096;
 /// What the helper is asked to do.
 #[derive(Debug)]
 pub(super) enum Request<'a> {
-    /// Create (not start) container `id` from `bundle`, output appended to `log`.
+    /// Create (not start) container `id` from `bundle`, output appended to
+    /// `log`, its process confined by the seccomp program in `seccomp`,
+    /// its cgroup v2 given the device program in `devices` before this
+    /// returns (and so before the container can start).
     Create {
         state_root: &'a Path,
         id: &'a str,
         bundle: &'a Path,
         log: &'a Path,
+        seccomp: Option<&'a Path>,
+        devices: Option<&'a Attach>,
     },
-    /// Start `argv` inside running container `id`.
+    /// Start `argv` inside running container `id`, under the seccomp
+    /// program in `seccomp` (the container's own).
     Exec {
         state_root: &'a Path,
         id: &'a str,
         cwd: &'a Path,
         uid: u32,
         gid: u32,
+        seccomp: Option<&'a Path>,
         argv: &'a [String],
     },
 }
@@ -53,19 +65,29 @@ pub(super) enum Request<'a> {
 /// helper's error message.
 pub(super) fn call(helper: &Path, request: &Request<'_>) -> Result<i32, String> {
     let mut cmd = Command::new(helper);
-    cmd.arg(ARG);
+    // libcontainer reads and restores the working directory around its
+    // notify sockets; the agent's may be a container's state directory that
+    // a concurrent start moved into and a delete then removed. The helper
+    // uses absolute paths only.
+    cmd.arg(ARG).current_dir("/");
     match request {
         Request::Create {
             state_root,
             id,
             bundle,
             log,
+            seccomp,
+            devices,
         } => {
+            let none = Path::new(NO_SECCOMP);
             cmd.arg("create")
                 .arg(state_root)
                 .arg(id)
                 .arg(bundle)
-                .arg(log);
+                .arg(log)
+                .arg(seccomp.map_or(none, |p| p))
+                .arg(devices.map_or(none, |d| &d.program))
+                .arg(devices.map_or(none, |d| &d.cgroup));
         }
         Request::Exec {
             state_root,
@@ -73,6 +95,7 @@ pub(super) fn call(helper: &Path, request: &Request<'_>) -> Result<i32, String> 
             cwd,
             uid,
             gid,
+            seccomp,
             argv,
         } => {
             cmd.arg("exec")
@@ -81,6 +104,7 @@ pub(super) fn call(helper: &Path, request: &Request<'_>) -> Result<i32, String> 
                 .arg(cwd)
                 .arg(uid.to_string())
                 .arg(gid.to_string())
+                .arg(seccomp.map_or(Path::new(NO_SECCOMP), |p| p))
                 .arg("--")
                 .args(argv.iter());
         }
@@ -143,10 +167,28 @@ fn serve(args: Vec<OsString>) -> Result<i32, String> {
             .open("/dev/null")
             .map_err(|e| format!("opening /dev/null: {e}"))
     };
+    // The program is read before anything is cloned: the executor only
+    // installs it, in the container's process.
+    let executor = |arg: OsString| -> Result<FilteredExecutor, String> {
+        if arg == NO_SECCOMP {
+            return Ok(FilteredExecutor::new(None));
+        }
+        let program = Program::load(Path::new(&arg)).map_err(|e| e.to_string())?;
+        Ok(FilteredExecutor::new(Some(program)))
+    };
     match op.to_str() {
         Some("create") => {
             let bundle = PathBuf::from(next("bundle")?);
             let log = PathBuf::from(next("log path")?);
+            let executor = executor(next("seccomp program")?)?;
+            let devices = match (next("device program")?, next("cgroup")?) {
+                (program, _) if program == NO_SECCOMP => None,
+                (program, cgroup) => {
+                    let program = devices_v2::Program::load(Path::new(&program))
+                        .map_err(|e| e.to_string())?;
+                    Some((program, PathBuf::from(cgroup)))
+                }
+            };
             let out = OpenOptions::new()
                 .append(true)
                 .create(true)
@@ -163,11 +205,18 @@ fn serve(args: Vec<OsString>) -> Result<i32, String> {
                 .with_stdin(null(false)?)
                 .with_stdout(out)
                 .with_stderr(err)
+                .with_executor(executor)
                 .as_init(&bundle)
                 .with_systemd(false)
                 .with_detach(true)
                 .build()
                 .map_err(|e| chain(&e))?;
+            // The init waits for the start, which the agent sends only once
+            // this succeeded: nothing runs in the container unconfined. On a
+            // failure the agent deletes the created container.
+            if let Some((program, cgroup)) = devices {
+                program.attach(&cgroup).map_err(|e| e.to_string())?;
+            }
             container
                 .pid()
                 .map(|p| p.as_raw())
@@ -182,6 +231,7 @@ fn serve(args: Vec<OsString>) -> Result<i32, String> {
             };
             let uid = number(next("uid")?, "uid")?;
             let gid = number(next("gid")?, "gid")?;
+            let executor = executor(next("seccomp program")?)?;
             if next("--")? != "--" {
                 return Err("runtime helper: expected -- before the command".into());
             }
@@ -195,6 +245,7 @@ fn serve(args: Vec<OsString>) -> Result<i32, String> {
                 .with_stdin(null(false)?)
                 .with_stdout(null(true)?)
                 .with_stderr(null(true)?)
+                .with_executor(executor)
                 .as_tenant()
                 .with_container_args(argv)
                 .with_cwd(Some(cwd))

@@ -1,27 +1,43 @@
 //! Each container's root filesystem: an overlay of the image's read-only
-//! rootfs with a writable layer in the bundle (or, where overlayfs cannot be
-//! used, a private copy), and lookups of paths inside it that never leave it.
+//! layers (`lowerdir=top:…:bottom`, shared with every container of images
+//! that have them) with a writable layer in the bundle, or, where overlayfs
+//! cannot be used, a private copy with the layers merged; and lookups of
+//! paths inside it that never leave it.
+//!
+//! Overlayfs is used when the mount works: a kernel without it, a data
+//! directory on a filesystem it cannot stack on, or options over a page
+//! fall back to the copy, with the reason logged. `FLOTILLA_ROOTFS=copy` in
+//! the agent's environment forces the copy (diagnostics, tests).
 
 use std::collections::VecDeque;
 use std::ffi::OsString;
 use std::io;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Component, Path, PathBuf};
 
 use nix::errno::Errno;
 use nix::mount::{MntFlags, MsFlags, mount, umount2};
 
+use crate::image::layers;
+
+/// The environment variable that forces copied root filesystems.
+pub const COPY_SWITCH: &str = "FLOTILLA_ROOTFS";
+
 /// Errors preparing, inspecting or releasing a container's root filesystem.
 #[derive(Debug, thiserror::Error)]
 pub enum RootfsError {
-    /// The image's root filesystem is not a directory.
-    #[error("image rootfs {path}: not a directory")]
-    ImageMissing { path: PathBuf },
+    /// The image's root filesystem or one of its layers is missing.
+    #[error("image rootfs {path}: {source}")]
+    ImageMissing { path: PathBuf, source: io::Error },
+    /// The lease that keeps the image from garbage collection could not be
+    /// recorded.
+    #[error("recording that the container uses image {path}: {source}")]
+    Lease { path: PathBuf, source: io::Error },
     /// A directory of the bundle could not be created.
     #[error("creating {path}: {source}")]
     CreateDir { path: PathBuf, source: io::Error },
     /// Neither the overlay mount nor the copy worked.
-    #[error("copying image rootfs {from} to {to}: {source}")]
+    #[error("copying image {from} to {to}: {source}")]
     Copy {
         from: PathBuf,
         to: PathBuf,
@@ -50,9 +66,11 @@ pub enum RootfsError {
 /// How the rootfs was made.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
-    /// overlayfs: image rootfs below, `upper/` and `work/` of the bundle above.
+    /// overlayfs: the image's layers below, `upper/` and `work/` of the
+    /// bundle above.
     Overlay,
-    /// A private copy of the image rootfs (overlayfs refused).
+    /// A private copy of the image's layers, merged (overlayfs refused or
+    /// switched off).
     Copy,
 }
 
@@ -61,40 +79,46 @@ const MAX_MOUNT_DATA: usize = 4000;
 /// Symlinks followed while resolving one path, as the kernel's own limit.
 const MAX_SYMLINKS: u32 = 40;
 
-/// Makes `{bundle}/rootfs`: an overlay over `image`, or a copy of it when the
-/// overlay cannot be mounted (the reason is logged).
+/// Makes `{bundle}/rootfs`: an overlay of `image` (a layer list of the
+/// image store, or a plain directory), or a merged copy of it when the
+/// overlay cannot be mounted (the reason is logged). Records the bundle as
+/// a user of the image, so its layers are not collected under it.
 pub fn prepare(image: &Path, bundle: &Path) -> Result<Kind, RootfsError> {
-    if !image.is_dir() {
-        return Err(RootfsError::ImageMissing {
-            path: image.to_path_buf(),
-        });
-    }
+    let lowers = layers::lower_dirs(image).map_err(|source| RootfsError::ImageMissing {
+        path: image.to_path_buf(),
+        source,
+    })?;
     let rootfs = bundle.join("rootfs");
     let upper = bundle.join("upper");
     let work = bundle.join("work");
     for dir in [&rootfs, &upper, &work] {
         create_dir(dir)?;
     }
-    let reason = match overlay_data(image, &upper, &work) {
-        Ok(data) => match mount(
-            Some("overlay"),
+    layers::lease(image, bundle).map_err(|source| RootfsError::Lease {
+        path: image.to_path_buf(),
+        source,
+    })?;
+    let reason = if std::env::var_os(COPY_SWITCH).is_some_and(|v| v == "copy") {
+        format!("{COPY_SWITCH}=copy")
+    } else {
+        match mount_overlay(
+            &lowers,
+            layers::layers_root(image).as_deref(),
+            &upper,
+            &work,
             &rootfs,
-            Some("overlay"),
-            MsFlags::MS_NODEV,
-            Some(data.as_str()),
         ) {
             Ok(()) => return Ok(Kind::Overlay),
-            Err(e) => format!("overlay mount failed: {e}"),
-        },
-        Err(why) => why,
+            Err(why) => why,
+        }
     };
     tracing::warn!(
         image = %image.display(),
         rootfs = %rootfs.display(),
         %reason,
-        "copying the image rootfs instead of overlaying it"
+        "copying the image's layers instead of overlaying them"
     );
-    copy_tree(image, &rootfs).map_err(|source| RootfsError::Copy {
+    layers::merge(&lowers, &rootfs).map_err(|source| RootfsError::Copy {
         from: image.to_path_buf(),
         to: rootfs.clone(),
         source,
@@ -102,10 +126,56 @@ pub fn prepare(image: &Path, bundle: &Path) -> Result<Kind, RootfsError> {
     Ok(Kind::Copy)
 }
 
-/// Overlay mount options, or why they cannot be expressed.
-fn overlay_data(lower: &Path, upper: &Path, work: &Path) -> Result<String, String> {
-    let mut parts = Vec::with_capacity(3);
-    for (key, path) in [("lowerdir", lower), ("upperdir", upper), ("workdir", work)] {
+/// Mounts the overlay, or says why it cannot be. Lower directories are
+/// named by absolute path; when that passes the page the kernel takes, by
+/// their short names under a descriptor of the store's `layers/` directory
+/// (`/proc/self/fd/N/<16 hex>/root`), which fits about 95 layers (Docker's
+/// overlay2 stops at 127).
+fn mount_overlay(
+    lowers: &[PathBuf],
+    layers_root: Option<&Path>,
+    upper: &Path,
+    work: &Path,
+    rootfs: &Path,
+) -> Result<(), String> {
+    let mut held = None;
+    let data = match overlay_data(lowers, upper, work) {
+        Ok(data) => data,
+        Err(why) => {
+            let Some(root) = layers_root else {
+                return Err(why);
+            };
+            let dir = std::fs::File::open(root)
+                .map_err(|e| format!("{why}; opening {}: {e}", root.display()))?;
+            let prefix = PathBuf::from(format!(
+                "/proc/self/fd/{}",
+                std::os::fd::AsRawFd::as_raw_fd(&dir)
+            ));
+            let short = lowers
+                .iter()
+                .map(|l| l.strip_prefix(root).map(|rel| prefix.join(rel)))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|_| format!("{why}; a layer is outside {}", root.display()))?;
+            held = Some(dir);
+            overlay_data(&short, upper, work)?
+        }
+    };
+    let result = mount(
+        Some("overlay"),
+        rootfs,
+        Some("overlay"),
+        MsFlags::MS_NODEV,
+        Some(data.as_str()),
+    );
+    // The kernel resolved the paths during the mount.
+    drop(held);
+    result.map_err(|e| format!("overlay mount failed: {e}"))
+}
+
+/// Overlay mount options (`lowers` top first), or why they cannot be
+/// expressed.
+fn overlay_data(lowers: &[PathBuf], upper: &Path, work: &Path) -> Result<String, String> {
+    let text = |key: &str, path: &Path| -> Result<String, String> {
         let text = path
             .to_str()
             .ok_or_else(|| format!("{key} {} is not UTF-8", path.display()))?;
@@ -113,9 +183,18 @@ fn overlay_data(lower: &Path, upper: &Path, work: &Path) -> Result<String, Strin
         if text.contains([',', ':', '\\']) {
             return Err(format!("{key} {text:?} contains ',', ':' or '\\'"));
         }
-        parts.push(format!("{key}={text}"));
-    }
-    let data = parts.join(",");
+        Ok(text.to_owned())
+    };
+    let lower = lowers
+        .iter()
+        .map(|l| text("lowerdir", l))
+        .collect::<Result<Vec<_>, _>>()?
+        .join(":");
+    let data = format!(
+        "lowerdir={lower},upperdir={},workdir={}",
+        text("upperdir", upper)?,
+        text("workdir", work)?
+    );
     if data.len() > MAX_MOUNT_DATA {
         return Err(format!(
             "overlay options are {} bytes, over the {MAX_MOUNT_DATA}-byte limit",
@@ -128,6 +207,11 @@ fn overlay_data(lower: &Path, upper: &Path, work: &Path) -> Result<String, Strin
 /// Unmounts `{bundle}/rootfs` if it is a mount. Not an error if it is not.
 pub fn release(bundle: &Path) -> Result<(), RootfsError> {
     let rootfs = bundle.join("rootfs");
+    // The image may be collected once no bundle names it; a lease left
+    // behind is dropped by the collector once the bundle is gone.
+    if let Err(e) = layers::release(bundle) {
+        tracing::warn!(bundle = %bundle.display(), "ending the container's image lease: {e}");
+    }
     match umount2(&rootfs, MntFlags::empty()) {
         Ok(()) | Err(Errno::EINVAL) | Err(Errno::ENOENT) => Ok(()),
         // Something still uses it (a process with it as cwd): detach it so
@@ -277,52 +361,9 @@ fn create_dir(dir: &Path) -> Result<(), RootfsError> {
     }
 }
 
-/// Copies a directory tree, keeping symlinks as symlinks, owners, modes and
-/// special files. Sockets are skipped: they mean nothing in a copy.
-fn copy_tree(from: &Path, to: &Path) -> io::Result<()> {
-    copy_attributes(&std::fs::symlink_metadata(from)?, to)?;
-    let mut stack = vec![(from.to_path_buf(), to.to_path_buf())];
-    while let Some((src_dir, dst_dir)) = stack.pop() {
-        for entry in std::fs::read_dir(&src_dir)? {
-            let entry = entry?;
-            let src = entry.path();
-            let dst = dst_dir.join(entry.file_name());
-            let meta = std::fs::symlink_metadata(&src)?;
-            let ft = meta.file_type();
-            if ft.is_symlink() {
-                std::os::unix::fs::symlink(std::fs::read_link(&src)?, &dst)?;
-                std::os::unix::fs::lchown(&dst, Some(meta.uid()), Some(meta.gid()))?;
-            } else if ft.is_dir() {
-                std::fs::create_dir(&dst)?;
-                copy_attributes(&meta, &dst)?;
-                stack.push((src, dst));
-            } else if ft.is_file() {
-                std::fs::copy(&src, &dst)?;
-                copy_attributes(&meta, &dst)?;
-            } else {
-                use std::os::unix::fs::FileTypeExt;
-                if ft.is_socket() {
-                    continue;
-                }
-                let kind = nix::sys::stat::SFlag::from_bits_truncate(meta.mode() & libc::S_IFMT);
-                let perm = nix::sys::stat::Mode::from_bits_truncate(meta.mode() & 0o7777);
-                nix::sys::stat::mknod(&dst, kind, perm, meta.rdev())?;
-                copy_attributes(&meta, &dst)?;
-            }
-        }
-    }
-    Ok(())
-}
-
-/// Owner first, then mode: chown clears setuid bits.
-fn copy_attributes(meta: &std::fs::Metadata, dst: &Path) -> io::Result<()> {
-    std::os::unix::fs::lchown(dst, Some(meta.uid()), Some(meta.gid()))?;
-    std::fs::set_permissions(dst, std::fs::Permissions::from_mode(meta.mode() & 0o7777))
-}
-
 #[cfg(test)]
 mod tests {
-    use std::os::unix::fs::symlink;
+    use std::os::unix::fs::{MetadataExt, symlink};
 
     use super::*;
 
@@ -400,7 +441,7 @@ mod tests {
         let to = dst.path().join("rootfs");
         std::fs::create_dir(&to).unwrap();
         std::os::unix::fs::chown(img.path().join("data/plain"), Some(1234), Some(4321)).unwrap();
-        copy_tree(img.path(), &to).unwrap();
+        layers::merge(&[img.path().to_path_buf()], &to).unwrap();
         assert_eq!(
             std::fs::read_link(to.join("usr/bin/env")).unwrap(),
             Path::new("/bin/busybox")
@@ -414,16 +455,22 @@ mod tests {
 
     #[test]
     fn overlay_options_refuse_separators() {
+        let lowers = |l: &[&str]| l.iter().map(PathBuf::from).collect::<Vec<_>>();
         let ok = overlay_data(
-            Path::new("/img"),
+            &lowers(&["/l/top", "/l/base"]),
             Path::new("/b/upper"),
             Path::new("/b/work"),
         );
         assert_eq!(
             ok.unwrap(),
-            "lowerdir=/img,upperdir=/b/upper,workdir=/b/work"
+            "lowerdir=/l/top:/l/base,upperdir=/b/upper,workdir=/b/work"
         );
-        assert!(overlay_data(Path::new("/im,g"), Path::new("/u"), Path::new("/w")).is_err());
-        assert!(overlay_data(Path::new("/im:g"), Path::new("/u"), Path::new("/w")).is_err());
+        let (u, w) = (Path::new("/u"), Path::new("/w"));
+        assert!(overlay_data(&lowers(&["/im,g"]), u, w).is_err());
+        assert!(overlay_data(&lowers(&["/im:g"]), u, w).is_err());
+        let many: Vec<PathBuf> = (0..200)
+            .map(|i| PathBuf::from(format!("/var/lib/flotilla/images/layers/{i:016x}/root")))
+            .collect();
+        assert!(overlay_data(&many, u, w).unwrap_err().contains("limit"));
     }
 }

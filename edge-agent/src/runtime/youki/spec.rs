@@ -17,6 +17,13 @@ use oci_spec::runtime::{
 
 use crate::runtime::{ContainerConfig, Mount as BindMount};
 
+mod capabilities;
+
+pub use self::capabilities::{
+    capability_mask, check_capabilities, container_capabilities, default_capabilities,
+    host_bounding_set,
+};
+
 /// Errors building a runtime spec. Each names the field that is wrong.
 #[derive(Debug, thiserror::Error)]
 pub enum SpecError {
@@ -84,27 +91,6 @@ const MIN_MEMORY: u64 = 1024 * 1024;
 pub struct Host {
     /// The kernel accounts swap: a memory+swap limit can be set.
     pub swap_accounting: bool,
-}
-
-/// Docker's default capability set.
-pub fn default_capabilities() -> Vec<Capability> {
-    use Capability::*;
-    vec![
-        Chown,
-        DacOverride,
-        Fsetid,
-        Fowner,
-        Mknod,
-        NetRaw,
-        Setgid,
-        Setuid,
-        Setfcap,
-        Setpcap,
-        NetBindService,
-        SysChroot,
-        Kill,
-        AuditWrite,
-    ]
 }
 
 /// The environment the process gets: `env` plus a default PATH when it has
@@ -233,81 +219,6 @@ fn check_mount(m: &BindMount) -> Result<(), String> {
     Ok(())
 }
 
-/// The capability bounding set of this process, as a bit mask.
-pub fn host_bounding_set() -> Result<u64, SpecError> {
-    let status = std::fs::read_to_string("/proc/self/status").map_err(SpecError::BoundingSet)?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("CapBnd:"))
-        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
-        .ok_or_else(|| SpecError::BoundingSet(std::io::Error::other("no parsable CapBnd line")))
-}
-
-/// Refuses capabilities outside `bounding`: libcontainer would fail on them
-/// with an error that does not say which one.
-pub fn check_capabilities(caps: &[Capability], bounding: u64) -> Result<(), SpecError> {
-    for cap in caps {
-        let name = cap.to_string();
-        let bit = capability_number(&name)
-            .ok_or_else(|| SpecError::UnknownCapability { name: name.clone() })?;
-        if bounding & (1u64 << bit) == 0 {
-            return Err(SpecError::CapabilityUnavailable { name });
-        }
-    }
-    Ok(())
-}
-
-/// Linux capability numbers, by the name oci-spec displays (no `CAP_`).
-fn capability_number(name: &str) -> Option<u32> {
-    const NAMES: [&str; 41] = [
-        "CHOWN",
-        "DAC_OVERRIDE",
-        "DAC_READ_SEARCH",
-        "FOWNER",
-        "FSETID",
-        "KILL",
-        "SETGID",
-        "SETUID",
-        "SETPCAP",
-        "LINUX_IMMUTABLE",
-        "NET_BIND_SERVICE",
-        "NET_BROADCAST",
-        "NET_ADMIN",
-        "NET_RAW",
-        "IPC_LOCK",
-        "IPC_OWNER",
-        "SYS_MODULE",
-        "SYS_RAWIO",
-        "SYS_CHROOT",
-        "SYS_PTRACE",
-        "SYS_PACCT",
-        "SYS_ADMIN",
-        "SYS_BOOT",
-        "SYS_NICE",
-        "SYS_RESOURCE",
-        "SYS_TIME",
-        "SYS_TTY_CONFIG",
-        "MKNOD",
-        "LEASE",
-        "AUDIT_WRITE",
-        "AUDIT_CONTROL",
-        "SETFCAP",
-        "MAC_OVERRIDE",
-        "MAC_ADMIN",
-        "SYSLOG",
-        "WAKE_ALARM",
-        "BLOCK_SUSPEND",
-        "AUDIT_READ",
-        "PERFMON",
-        "BPF",
-        "CHECKPOINT_RESTORE",
-    ];
-    NAMES
-        .iter()
-        .position(|n| *n == name)
-        .and_then(|i| u32::try_from(i).ok())
-}
-
 /// Builds the spec. `cgroups_path` is absolute within each hierarchy;
 /// `config` must have passed [`validate`].
 pub fn build(
@@ -316,6 +227,7 @@ pub fn build(
     caps: &[Capability],
     host: Host,
 ) -> Result<Spec, SpecError> {
+    let privileged = config.security.privileged;
     let cap_set: HashSet<Capability> = caps.iter().copied().collect();
     let capabilities = LinuxCapabilitiesBuilder::default()
         .bounding(cap_set.clone())
@@ -335,7 +247,9 @@ pub fn build(
         .args(config.args.clone())
         .env(process_env(&config.env))
         .cwd(config.cwd.clone())
-        .no_new_privileges(true)
+        // Like Docker's --privileged, a privileged container may gain
+        // privileges through setuid files.
+        .no_new_privileges(!privileged)
         .capabilities(capabilities)
         .rlimits(vec![
             PosixRlimitBuilder::default()
@@ -357,9 +271,10 @@ pub fn build(
     .collect::<Result<Vec<_>, _>>()?;
 
     let mut resources = LinuxResourcesBuilder::default().devices(vec![
-        // Deny every device, then libcgroups allows its default set.
+        // Deny every device, then libcgroups allows its default set; a
+        // privileged container may use every device.
         LinuxDeviceCgroupBuilder::default()
-            .allow(false)
+            .allow(privileged)
             .access("rwm")
             .build()?,
     ]);
@@ -386,16 +301,21 @@ pub fn build(
         resources = resources.pids(LinuxPidsBuilder::default().limit(i64::from(pids)).build()?);
     }
 
-    let mut masked = get_default_maskedpaths();
-    masked.push("/proc/interrupts".into());
-    masked.push("/sys/devices/virtual/powercap".into());
+    let (masked, readonly) = if privileged {
+        (Vec::new(), Vec::new())
+    } else {
+        let mut masked = get_default_maskedpaths();
+        masked.push("/proc/interrupts".into());
+        masked.push("/sys/devices/virtual/powercap".into());
+        (masked, get_default_readonly_paths())
+    };
 
     let linux = LinuxBuilder::default()
         .cgroups_path(cgroups_path)
         .namespaces(namespaces)
         .resources(resources.build()?)
         .masked_paths(masked)
-        .readonly_paths(get_default_readonly_paths())
+        .readonly_paths(readonly)
         .build()?;
 
     Ok(SpecBuilder::default()
@@ -403,12 +323,12 @@ pub fn build(
         .root(
             RootBuilder::default()
                 .path("rootfs")
-                .readonly(false)
+                .readonly(config.security.read_only_root_filesystem)
                 .build()?,
         )
         .hostname(config.hostname.clone())
         .process(process)
-        .mounts(mounts(&config.mounts)?)
+        .mounts(mounts(&config.mounts, privileged)?)
         .linux(linux)
         .build()?)
 }
@@ -416,8 +336,9 @@ pub fn build(
 /// The standard mounts, plus the host's resolver files read-only since the
 /// container shares the host's network, as `docker --network host` does,
 /// then the container's bind mounts (after `/dev` and the rest, so that a
-/// volume can be mounted below them).
-fn mounts(binds: &[BindMount]) -> Result<Vec<Mount>, SpecError> {
+/// volume can be mounted below them). `/sys` is read-only unless the
+/// container is privileged, as in Docker.
+fn mounts(binds: &[BindMount], privileged: bool) -> Result<Vec<Mount>, SpecError> {
     let m = |dest: &str, typ: &str, source: &str, opts: &[&str]| {
         MountBuilder::default()
             .destination(dest)
@@ -463,7 +384,12 @@ fn mounts(binds: &[BindMount]) -> Result<Vec<Mount>, SpecError> {
             "/sys",
             "sysfs",
             "sysfs",
-            &["nosuid", "noexec", "nodev", "ro"],
+            &[
+                "nosuid",
+                "noexec",
+                "nodev",
+                if privileged { "rw" } else { "ro" },
+            ],
         )?,
     ];
     for file in ["/etc/resolv.conf", "/etc/hosts"] {
@@ -534,6 +460,7 @@ mod tests {
                     agent_owned: true,
                 },
             ],
+            security: Default::default(),
         }
     }
 
@@ -625,6 +552,55 @@ mod tests {
     }
 
     #[test]
+    fn privileged_containers_lose_the_hardening() {
+        let host = Host {
+            swap_accounting: false,
+        };
+        let hardened = build(&config(), "/x/y", &default_capabilities(), host).unwrap();
+        let mut c = config();
+        c.security.privileged = true;
+        c.security.read_only_root_filesystem = true;
+        let open = build(&c, "/x/y", &default_capabilities(), host).unwrap();
+        let facts = |spec: &Spec| {
+            let linux = spec.linux().as_ref().unwrap();
+            let devices = linux
+                .resources()
+                .as_ref()
+                .unwrap()
+                .devices()
+                .as_ref()
+                .unwrap();
+            let sys = spec
+                .mounts()
+                .as_ref()
+                .unwrap()
+                .iter()
+                .find(|m| m.destination() == Path::new("/sys"))
+                .unwrap()
+                .options()
+                .as_ref()
+                .unwrap()
+                .contains(&"ro".to_string());
+            (
+                linux.masked_paths().as_ref().unwrap().is_empty(),
+                linux.readonly_paths().as_ref().unwrap().is_empty(),
+                devices[0].allow(),
+                spec.process().as_ref().unwrap().no_new_privileges(),
+                spec.root().as_ref().unwrap().readonly(),
+                sys,
+            )
+        };
+        assert_eq!(
+            facts(&hardened),
+            (false, false, false, Some(true), Some(false), true)
+        );
+        assert_eq!(
+            facts(&open),
+            (true, true, true, Some(false), Some(true), false)
+        );
+    }
+
+    #[test]
     fn tiny_cpu_limits_are_raised_to_the_kernel_minimum() {
         let mut c = config();
         c.resources.cpu_millis = Some(1);
@@ -686,25 +662,5 @@ mod tests {
             assert!(err.starts_with(want), "{err:?} should start with {want:?}");
         }
         validate(&config()).unwrap();
-    }
-
-    #[test]
-    fn capabilities_outside_the_bounding_set_are_named() {
-        let all = u64::MAX;
-        check_capabilities(&default_capabilities(), all).unwrap();
-        let without_net_raw = all & !(1 << 13);
-        let err = check_capabilities(&default_capabilities(), without_net_raw).unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            "capability CAP_NET_RAW is not in the host's capability bounding set"
-        );
-        for cap in [
-            Capability::SysResource,
-            Capability::CheckpointRestore,
-            Capability::DacReadSearch,
-        ] {
-            assert!(capability_number(&cap.to_string()).is_some(), "{cap}");
-        }
-        assert_eq!(capability_number("SYS_RESOURCE"), Some(24));
     }
 }
