@@ -4,10 +4,9 @@
 //! then pins that key and connects with that credential on every start.
 
 use std::fs;
-use std::io::{self, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::io;
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use serde::Deserialize;
 
@@ -69,11 +68,7 @@ pub fn join(
     let agent = if base.starts_with("https://") {
         crate::join_tls::agent(base, ca, pin.as_ref()).map_err(fail)?
     } else if is_loopback(base) {
-        ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .timeout_global(Some(Duration::from_secs(30)))
-            .build()
-            .into()
+        crate::join_tls::plain_agent()
     } else {
         return Err(fail(
             "the join token would cross the network in the clear: use https://".into(),
@@ -88,30 +83,18 @@ pub fn join(
     // A new sealing key at every join: re-enrolling rotates it.
     let sealing =
         crate::secrets::SealingKey::generate().map_err(|e| EnrollError::Answer(e.to_string()))?;
-    let mut response = agent
-        .post(&url)
-        .send_json(serde_json::json!({
-            "token": token,
-            "node": node,
-            "sealingKey": sealing.public_base64(),
-            "publicKey": b64(device_key.public()),
-            "proof": b64(&proof),
-        }))
-        .map_err(|e| fail(e.to_string()))?;
-    let status = response.status();
-    let text = response
-        .body_mut()
-        .with_config()
-        .limit(MAX_ANSWER)
-        .read_to_string()
-        .map_err(|e| fail(e.to_string()))?;
-    if !status.is_success() {
-        let message = serde_json::from_str::<serde_json::Value>(&text)
-            .ok()
-            .and_then(|v| v["error"].as_str().map(str::to_owned))
-            .unwrap_or_else(|| format!("status {status}"));
-        return Err(EnrollError::Refused(message));
-    }
+    let body = serde_json::json!({
+        "token": token,
+        "node": node,
+        "sealingKey": sealing.public_base64(),
+        "publicKey": b64(device_key.public()),
+        "proof": b64(&proof),
+    });
+    let text =
+        crate::join_tls::post_json(&agent, &url, &body, MAX_ANSWER).map_err(|e| match e {
+            crate::join_tls::ApiCallError::Refused(message) => EnrollError::Refused(message),
+            crate::join_tls::ApiCallError::Transport(reason) => fail(reason),
+        })?;
     let answer: Answer =
         serde_json::from_str(&text).map_err(|e| EnrollError::Answer(e.to_string()))?;
     if answer.username != node {
@@ -195,23 +178,9 @@ fn is_loopback(url: &str) -> bool {
 }
 
 fn write_private(path: &Path, bytes: &[u8]) -> Result<(), EnrollError> {
-    let io_err = |op| {
-        move |source| EnrollError::Io {
-            op,
-            path: path.to_owned(),
-            source,
-        }
-    };
-    let tmp = path.with_extension("tmp");
-    let mut file = fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(io_err("creating"))?;
-    file.write_all(bytes)
-        .and_then(|()| file.sync_all())
-        .map_err(io_err("writing"))?;
-    fs::rename(&tmp, path).map_err(io_err("renaming to"))
+    crate::private_file::write(path, bytes).map_err(|source| EnrollError::Io {
+        op: "writing",
+        path: path.to_owned(),
+        source,
+    })
 }

@@ -21,6 +21,8 @@ use ureq::tls::{Certificate, RootCerts, TlsConfig, TlsProvider};
 
 /// How long connecting and the first handshake may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+/// Longest a whole API call (join, renewal) may take.
+const API_TIMEOUT: Duration = Duration::from_secs(30);
 /// Largest CA file read.
 const MAX_CA_FILE: u64 = 256 * 1024;
 
@@ -221,9 +223,58 @@ pub fn agent(
     Ok(ureq::Agent::config_builder()
         .http_status_as_error(false)
         .tls_config(tls)
-        .timeout_global(Some(Duration::from_secs(30)))
+        .timeout_global(Some(API_TIMEOUT))
         .build()
         .into())
+}
+
+/// The HTTP agent for a controller reached over plain HTTP (the caller
+/// decides whether that is acceptable).
+pub fn plain_agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(API_TIMEOUT))
+        .build()
+        .into()
+}
+
+/// Why a call to the controller's API failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiCallError {
+    /// The request or the answer did not get through.
+    #[error("{0}")]
+    Transport(String),
+    /// The controller answered with an error status: its message.
+    #[error("{0}")]
+    Refused(String),
+}
+
+/// POSTs `body` to `url` and returns the answer's text (at most `limit`
+/// bytes); an error status is [`ApiCallError::Refused`] with the API's
+/// `error` message.
+pub fn post_json(
+    agent: &ureq::Agent,
+    url: &str,
+    body: &serde_json::Value,
+    limit: u64,
+) -> Result<String, ApiCallError> {
+    let transport = |e: ureq::Error| ApiCallError::Transport(e.to_string());
+    let mut response = agent.post(url).send_json(body).map_err(transport)?;
+    let status = response.status();
+    let text = response
+        .body_mut()
+        .with_config()
+        .limit(limit)
+        .read_to_string()
+        .map_err(transport)?;
+    if !status.is_success() {
+        let message = serde_json::from_str::<serde_json::Value>(&text)
+            .ok()
+            .and_then(|v| v["error"].as_str().map(str::to_owned))
+            .unwrap_or_else(|| format!("status {status}"));
+        return Err(ApiCallError::Refused(message));
+    }
+    Ok(text)
 }
 
 #[cfg(test)]

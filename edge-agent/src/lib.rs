@@ -16,6 +16,7 @@ pub mod join_tls;
 pub mod logs;
 pub mod node_info;
 pub mod prefetch;
+pub mod private_file;
 pub mod probe;
 pub mod reconciler;
 pub mod report;

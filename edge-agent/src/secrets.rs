@@ -11,8 +11,8 @@
 //! info, then ChaCha20-Poly1305 with that same context as associated data.
 
 use std::fs;
-use std::io::{self, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::io;
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -103,19 +103,8 @@ impl SealingKey {
                 .create(dir)
                 .map_err(err)?;
         }
-        let tmp = path.with_extension("tmp");
-        let mut file = fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(err)?;
         let text = format!("{}\n", STANDARD.encode(self.secret.to_bytes()));
-        file.write_all(text.as_bytes())
-            .and_then(|()| file.sync_all())
-            .map_err(err)?;
-        fs::rename(&tmp, path).map_err(err)
+        crate::private_file::write(path, text.as_bytes()).map_err(err)
     }
 
     /// Reads a key written by [`SealingKey::save`].

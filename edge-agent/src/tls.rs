@@ -13,8 +13,7 @@
 //! same key, and renames both into place once the certificate is stored.
 
 use std::fs;
-use std::io::{self, Read, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -186,22 +185,9 @@ fn read_text(path: &Path) -> Result<String, TlsFileError> {
         })
 }
 
-/// Writes `bytes` to `path` owner-only, atomically (temp file, fsync, rename).
+/// Writes `bytes` to `path` owner-only, atomically.
 fn write_private(path: &Path, bytes: &[u8]) -> Result<(), TlsFileError> {
-    let tmp = path.with_extension("tmp");
-    {
-        let mut file = fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(io_err("creating", &tmp))?;
-        file.write_all(bytes)
-            .and_then(|()| file.sync_all())
-            .map_err(io_err("writing", &tmp))?;
-    }
-    fs::rename(&tmp, path).map_err(io_err("renaming to", path))
+    crate::private_file::write(path, bytes).map_err(io_err("writing", path))
 }
 
 fn now_ms() -> u64 {
@@ -353,37 +339,18 @@ pub fn renew(dir: &Path, node: &str) -> Result<(), TlsFileError> {
     let agent = if base.starts_with("https://") {
         crate::join_tls::agent(base, Some(&dir.join(CA_FILE)), None).map_err(fail)?
     } else {
-        ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .timeout_global(Some(Duration::from_secs(30)))
-            .build()
-            .into()
+        crate::join_tls::plain_agent()
     };
     use base64::Engine;
     let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
-    let mut response = agent
-        .post(&format!("{base}/v1/renew"))
-        .send_json(serde_json::json!({
-            "node": node,
-            "publicKey": b64(next.public()),
-            "timeMs": time_ms,
-            "signature": b64(&signature),
-        }))
+    let body = serde_json::json!({
+        "node": node,
+        "publicKey": b64(next.public()),
+        "timeMs": time_ms,
+        "signature": b64(&signature),
+    });
+    let text = crate::join_tls::post_json(&agent, &format!("{base}/v1/renew"), &body, MAX_FILE)
         .map_err(|e| fail(e.to_string()))?;
-    let status = response.status();
-    let text = response
-        .body_mut()
-        .with_config()
-        .limit(MAX_FILE)
-        .read_to_string()
-        .map_err(|e| fail(e.to_string()))?;
-    if !status.is_success() {
-        let message = serde_json::from_str::<serde_json::Value>(&text)
-            .ok()
-            .and_then(|v| v["error"].as_str().map(str::to_owned))
-            .unwrap_or_else(|| format!("status {status}"));
-        return Err(fail(message));
-    }
     let answer: CertAnswer =
         serde_json::from_str(&text).map_err(|e| fail(format!("the answer: {e}")))?;
     check_pem(&answer).map_err(|e| fail(format!("the answer: {e}")))?;
