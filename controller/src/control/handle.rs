@@ -6,9 +6,6 @@ use std::collections::BTreeMap;
 
 use tokio::sync::{mpsc, oneshot};
 
-use crate::manifest::Workload;
-use crate::secrets::Secret;
-
 use super::namespaces;
 use super::{Applied, Cluster, ControlError};
 
@@ -16,15 +13,6 @@ use super::{Applied, Cluster, ControlError};
 pub(super) type AppliedAll = (Vec<(String, Applied)>, Vec<(String, Applied)>);
 
 pub(super) enum Command {
-    Apply {
-        workloads: Vec<Workload>,
-        reply: oneshot::Sender<Result<Vec<(String, Applied)>, ControlError>>,
-    },
-    ApplyAll {
-        workloads: Vec<Workload>,
-        secrets: Vec<Secret>,
-        reply: oneshot::Sender<Result<AppliedAll, ControlError>>,
-    },
     DeleteSecret {
         name: String,
         reply: oneshot::Sender<Result<bool, ControlError>>,
@@ -60,35 +48,6 @@ pub struct ControlHandle {
 }
 
 impl ControlHandle {
-    /// Creates or replaces `workloads`, all or none.
-    pub async fn apply(
-        &self,
-        workloads: Vec<Workload>,
-    ) -> Result<Vec<(String, Applied)>, ControlError> {
-        let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(Command::Apply { workloads, reply })
-            .await
-            .map_err(|_| ControlError::Stopped)?;
-        rx.await.map_err(|_| ControlError::Stopped)?
-    }
-
-    /// Creates or replaces `workloads` and `secrets`, all or none.
-    pub async fn apply_all(
-        &self,
-        workloads: Vec<Workload>,
-        secrets: Vec<Secret>,
-    ) -> Result<AppliedAll, ControlError> {
-        let (reply, rx) = oneshot::channel();
-        let cmd = Command::ApplyAll {
-            workloads,
-            secrets,
-            reply,
-        };
-        self.tx.send(cmd).await.map_err(|_| ControlError::Stopped)?;
-        rx.await.map_err(|_| ControlError::Stopped)?
-    }
-
     /// Deletes a Secret; `false` if there was none of that name. Pods that
     /// use it fail to start again until it is back.
     pub async fn delete_secret(&self, name: String) -> Result<bool, ControlError> {

@@ -192,16 +192,6 @@ impl ControlLoop {
 
     async fn command(&mut self, cmd: Command) {
         match cmd {
-            Command::Apply { workloads, reply } => {
-                let _ = reply.send(self.apply(workloads, "apply", true).await);
-            }
-            Command::ApplyAll {
-                workloads,
-                secrets,
-                reply,
-            } => {
-                let _ = reply.send(self.apply_all(workloads, secrets).await);
-            }
             Command::DeleteSecret { name, reply } => {
                 let _ = reply.send(self.delete_secret(name).await);
             }
