@@ -155,6 +155,9 @@ pub fn identity_dir(data_dir: &std::path::Path) -> PathBuf {
 }
 /// The pinned controller key, under [`identity_dir`].
 pub const CONTROLLER_KEY_FILE: &str = "controller.pub";
+/// The labels the join token carried (`key=value` lines), under
+/// [`identity_dir`]; `--label` overrides them key by key.
+pub const JOIN_LABELS_FILE: &str = "labels";
 /// The device's MQTT password, under [`identity_dir`] (the username is the node name).
 pub const PASSWORD_FILE: &str = "mqtt.password";
 
@@ -246,6 +249,17 @@ impl NodeLabels {
     /// The labels, sorted by key.
     pub fn as_slice(&self) -> &[Label] {
         &self.0
+    }
+
+    /// These labels over `base`: a key in both keeps this value.
+    pub fn over(mut self, base: NodeLabels) -> NodeLabels {
+        for label in base.0 {
+            if !self.0.iter().any(|l| l.key == label.key) {
+                self.0.push(label);
+            }
+        }
+        self.0.sort();
+        self
     }
 }
 
@@ -457,6 +471,17 @@ impl Config {
             None if args.insecure_unsigned => Trust::Unverified,
             None => return Err(ConfigError::NoControllerKey),
         };
+        let joined = identity.join(JOIN_LABELS_FILE);
+        if joined.exists() {
+            let text = std::fs::read_to_string(&joined).map_err(|source| ConfigError::Path {
+                what: "join labels file",
+                path: joined.clone(),
+                source,
+            })?;
+            let lines: Vec<&str> = text.lines().filter(|l| !l.is_empty()).collect();
+            let labels = std::mem::take(&mut config.labels);
+            config.labels = labels.over(NodeLabels::parse(&lines)?);
+        }
         let password = identity.join(PASSWORD_FILE);
         if password.exists() {
             let text = std::fs::read_to_string(&password).map_err(|source| ConfigError::Path {
@@ -602,6 +627,39 @@ mod tests {
                 .unwrap_err()
                 .starts_with("label \"a=b c\": value:")
         );
+    }
+
+    #[test]
+    fn the_join_tokens_labels_under_the_flags() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(identity_dir(dir.path())).unwrap();
+        let file = identity_dir(dir.path()).join(JOIN_LABELS_FILE);
+        std::fs::write(&file, "site=shop1\nboard=pi4\n").unwrap();
+        let argv = |extra: &[&str]| {
+            let mut v = vec![
+                "flotilla-agent".to_owned(),
+                "--broker".into(),
+                "mqtt://127.0.0.1:1884".into(),
+                "--node".into(),
+                "pi-1".into(),
+                "--data-dir".into(),
+                dir.path().display().to_string(),
+                "--insecure-unsigned".into(),
+            ];
+            v.extend(extra.iter().map(|s| (*s).to_owned()));
+            Config::from_args(Args::try_parse_from(v).unwrap())
+        };
+        let c = argv(&["--label", "site=shop2"]).unwrap();
+        let labels: Vec<String> = c
+            .labels
+            .as_slice()
+            .iter()
+            .map(|l| format!("{}={}", l.key, l.value))
+            .collect();
+        assert_eq!(labels, ["board=pi4", "site=shop2"]);
+        std::fs::write(&file, "bad label\n").unwrap();
+        let err = argv(&[]).unwrap_err().to_string();
+        assert!(err.contains("bad label"), "{err}");
     }
 
     #[test]

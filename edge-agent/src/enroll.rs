@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::config::{CONTROLLER_KEY_FILE, PASSWORD_FILE, Trust, identity_dir};
+use crate::config::{CONTROLLER_KEY_FILE, JOIN_LABELS_FILE, PASSWORD_FILE, Trust, identity_dir};
 
 /// Largest answer read from the controller.
 const MAX_ANSWER: u64 = 64 * 1024;
@@ -42,6 +42,9 @@ struct Answer {
     username: String,
     password: String,
     controller_key: String,
+    /// The join token's labels, for the node.
+    #[serde(default)]
+    labels: std::collections::BTreeMap<String, String>,
     #[serde(flatten)]
     certificate: Option<CertAnswer>,
 }
@@ -130,6 +133,19 @@ pub fn join(
             write_private(&dir.join(PASSWORD_FILE), answer.password.as_bytes())?;
             crate::tls::forget(&dir).map_err(io_answer)?;
         }
+    }
+    // Checked as the agent will read them, so a bad label fails the join.
+    let labels: Vec<String> = answer
+        .labels
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    crate::config::NodeLabels::parse(&labels).map_err(|e| EnrollError::Answer(e.to_string()))?;
+    let labels_file = dir.join(JOIN_LABELS_FILE);
+    if labels.is_empty() {
+        remove(&labels_file)?;
+    } else {
+        write_private(&labels_file, format!("{}\n", labels.join("\n")).as_bytes())?;
     }
     sealing
         .save(&dir.join(crate::secrets::SEALING_KEY_FILE))

@@ -28,7 +28,7 @@ fn a_device_joins_over_https_with_the_pinned_ca() {
     let logs = [c.proc.log.as_path()];
     assert!(c.api.starts_with("https://"), "{}", c.api);
 
-    let out = c.cli(&["token", "create", "--uses", "2"]);
+    let out = c.cli(&["token", "create", "--uses", "2", "--labels", "site=shop12"]);
     assert!(
         out.status.success(),
         "{}",
@@ -58,6 +58,11 @@ fn a_device_joins_over_https_with_the_pinned_ca() {
         std::fs::read_to_string(logs[0]).unwrap_or_default()
     );
     assert!(data.join("identity").is_dir());
+    // The token's labels are the node's, under any `--label` of its own.
+    assert_eq!(
+        std::fs::read_to_string(data.join("identity/labels")).unwrap(),
+        "site=shop12\n"
+    );
 
     // With the CA file instead, and the bare secret, as well.
     let data_b = dir.path().join("device-b");
