@@ -9,13 +9,10 @@
 
 mod common;
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::reconciler::{Harness, desired};
-use flotilla_agent::image::{ImageStore, PullSettings, RegistrySettings};
 use flotilla_agent::reconciler::container_id;
-use flotilla_agent::runtime::fake::FakeRuntime;
 use flotilla_proto::{
     ContainerSpec, ContainerState, DesiredState, NodeStatus, PodPhase, PodSpec, PodStatus,
     PrefetchState, RestartPolicy,
@@ -48,18 +45,8 @@ impl Setup {
         let payload: Vec<u8> = (0..768 * 1024).map(|_| rand::random::<u8>()).collect();
         push(&registry, "app:2", &payload);
         let proxy = CutProxy::throttled(registry.addr(), CRAWL).unwrap();
-        let mut settings = PullSettings::default();
-        settings.min_free = 0;
-        for host in [registry.host(), proxy.host()] {
-            let insecure = RegistrySettings {
-                insecure: true,
-                ..RegistrySettings::default()
-            };
-            settings = settings.with_registry(&host, insecure);
-        }
         let images = tempfile::tempdir().unwrap();
-        let store = ImageStore::with_settings(images.path().join("images"), settings).unwrap();
-        let h = Harness::start_with_images(FakeRuntime::new(), Arc::new(store), None);
+        let h = Harness::with_registry_store(images.path(), &[registry.host(), proxy.host()]);
         Self {
             registry,
             proxy,

@@ -8,13 +8,10 @@
 
 mod common;
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::reconciler::{Harness, desired};
-use flotilla_agent::image::{ImageStore, PullSettings, RegistrySettings};
 use flotilla_agent::reconciler::container_id;
-use flotilla_agent::runtime::fake::FakeRuntime;
 use flotilla_proto::{ContainerSpec, ContainerState, PodPhase, PodSpec, PodStatus, RestartPolicy};
 use flotilla_testkit::oci;
 use flotilla_testkit::registry::{CutProxy, Registry};
@@ -52,20 +49,8 @@ impl Setup {
             layers.push(written.layers[0].clone());
         }
         let proxy = CutProxy::throttled(registry.addr(), CRAWL).unwrap();
-        let mut settings = PullSettings::default();
-        settings.min_free = 0;
-        for host in [registry.host(), proxy.host()] {
-            settings = settings.with_registry(
-                &host,
-                RegistrySettings {
-                    insecure: true,
-                    ..RegistrySettings::default()
-                },
-            );
-        }
         let images = tempfile::tempdir().unwrap();
-        let store = ImageStore::with_settings(images.path().join("images"), settings).unwrap();
-        let h = Harness::start_with_images(FakeRuntime::new(), Arc::new(store), None);
+        let h = Harness::with_registry_store(images.path(), &[registry.host(), proxy.host()]);
         Self {
             registry,
             proxy,

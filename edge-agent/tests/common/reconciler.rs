@@ -52,6 +52,24 @@ impl Harness {
     ) -> Self {
         Harness::start_custom(Arc::new(runtime), images, None, initial)
     }
+
+    /// The fake runtime with a real image store under `dir` that reaches
+    /// `hosts` (test registries and proxies) over plain HTTP, with no
+    /// free-space floor.
+    pub fn with_registry_store(dir: &std::path::Path, hosts: &[String]) -> Self {
+        use flotilla_agent::image::{ImageStore, PullSettings, RegistrySettings};
+        let mut settings = PullSettings::default();
+        settings.min_free = 0;
+        for host in hosts {
+            let insecure = RegistrySettings {
+                insecure: true,
+                ..RegistrySettings::default()
+            };
+            settings = settings.with_registry(host, insecure);
+        }
+        let store = ImageStore::with_settings(dir.join("images"), settings).unwrap();
+        Self::start_with_images(FakeRuntime::new(), Arc::new(store), None)
+    }
 }
 
 impl<R: Runtime> Harness<R> {
