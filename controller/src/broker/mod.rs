@@ -371,13 +371,20 @@ mod tests {
         assert!(matches!(err, BrokerError::ZeroSessionExpiry), "{err}");
     }
 
+    /// Not the readiness probe's id: see `probe::connack_code`.
+    const TEST_CLIENT_ID: &[u8] = b"flotilla-broker-test";
+
     fn connack(broker: &EmbeddedBroker, keepalive_secs: u16) -> u8 {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .unwrap();
-        rt.block_on(probe::connack_code(broker.local_addr(), keepalive_secs))
-            .unwrap()
+        rt.block_on(probe::connack_code(
+            broker.local_addr(),
+            TEST_CLIENT_ID,
+            keepalive_secs,
+        ))
+        .unwrap()
     }
 
     /// With rmqtt's default `allow_anonymous = true`, a client without a

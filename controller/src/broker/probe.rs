@@ -29,14 +29,18 @@ const RETRY_PAUSE: Duration = Duration::from_millis(10);
 pub(super) async fn until_ready(addr: SocketAddr, deadline: Instant) -> io::Result<()> {
     let target = dialable(addr);
     loop {
-        let attempt =
-            match timeout(ATTEMPT_TIMEOUT, connack_code(target, PROBE_KEEPALIVE_SECS)).await {
-                Ok(result) => result.map(|_code| ()),
-                Err(_) => Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    "no connack within the attempt timeout",
-                )),
-            };
+        let attempt = match timeout(
+            ATTEMPT_TIMEOUT,
+            connack_code(target, PROBE_CLIENT_ID, PROBE_KEEPALIVE_SECS),
+        )
+        .await
+        {
+            Ok(result) => result.map(|_code| ()),
+            Err(_) => Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "no connack within the attempt timeout",
+            )),
+        };
         match attempt {
             Ok(()) => return Ok(()),
             Err(e) if Instant::now() >= deadline => return Err(e),
@@ -58,12 +62,23 @@ fn dialable(addr: SocketAddr) -> SocketAddr {
     }
 }
 
-/// Sends one CONNECT announcing `keepalive_secs` and returns the CONNACK's
-/// return code (0 accepted, 5 not authorized, ...).
-pub(super) async fn connack_code(addr: SocketAddr, keepalive_secs: u16) -> io::Result<u8> {
+/// Sends one CONNECT as `client_id` announcing `keepalive_secs` and returns
+/// the CONNACK's return code (0 accepted, 5 not authorized, ...).
+///
+/// Callers other than the readiness probe must use a client id of their
+/// own: a CONNECT with the id of a session still closing is a takeover,
+/// which rmqtt answers with 3 ("server unavailable") when the old session
+/// ends before acknowledging it.
+pub(super) async fn connack_code(
+    addr: SocketAddr,
+    client_id: &[u8],
+    keepalive_secs: u16,
+) -> io::Result<u8> {
     let mut stream = TcpStream::connect(addr).await?;
     stream.set_nodelay(true)?;
-    stream.write_all(&connect_packet(keepalive_secs)).await?;
+    stream
+        .write_all(&connect_packet(client_id, keepalive_secs)?)
+        .await?;
     let mut ack = [0u8; 4];
     stream.read_exact(&mut ack).await?;
     // CONNACK: packet type 2, remaining length 2.
@@ -79,23 +94,38 @@ pub(super) async fn connack_code(addr: SocketAddr, keepalive_secs: u16) -> io::R
     Ok(ack[3])
 }
 
+/// Longest client id `connect_packet` takes: the whole body must fit a
+/// one-byte remaining length.
+const MAX_CLIENT_ID: usize = 100;
+
 /// An MQTT 3.1.1 CONNECT with a clean session, no credentials, no will.
-fn connect_packet(keepalive_secs: u16) -> Vec<u8> {
-    let mut body = Vec::with_capacity(16 + PROBE_CLIENT_ID.len());
+fn connect_packet(client_id: &[u8], keepalive_secs: u16) -> io::Result<Vec<u8>> {
+    let id_len = u8::try_from(client_id.len())
+        .ok()
+        .filter(|&len| usize::from(len) <= MAX_CLIENT_ID)
+        .ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "client id of {} bytes, expected at most {MAX_CLIENT_ID}",
+                    client_id.len()
+                ),
+            )
+        })?;
+    let mut body = Vec::with_capacity(12 + client_id.len());
     body.extend_from_slice(&[0x00, 0x04]);
     body.extend_from_slice(b"MQTT");
     body.push(0x04); // protocol level 3.1.1
     body.push(0x02); // clean session
     body.extend_from_slice(&keepalive_secs.to_be_bytes());
-    // The id is a short constant: its length fits in u16 and the whole
-    // body in a one-byte remaining length.
-    body.extend_from_slice(&[0x00, PROBE_CLIENT_ID.len() as u8]);
-    body.extend_from_slice(PROBE_CLIENT_ID);
+    body.extend_from_slice(&[0x00, id_len]);
+    body.extend_from_slice(client_id);
     let mut packet = Vec::with_capacity(2 + body.len());
     packet.push(0x10);
-    packet.push(body.len() as u8);
+    // At most 12 + MAX_CLIENT_ID bytes: under 128, one byte of length.
+    packet.push(12 + id_len);
     packet.extend_from_slice(&body);
-    packet
+    Ok(packet)
 }
 
 #[cfg(test)]
@@ -104,7 +134,7 @@ mod tests {
 
     #[test]
     fn connect_packet_is_well_formed() {
-        let packet = connect_packet(PROBE_KEEPALIVE_SECS);
+        let packet = connect_packet(PROBE_CLIENT_ID, PROBE_KEEPALIVE_SECS).unwrap();
         assert_eq!(packet[0], 0x10);
         assert_eq!(usize::from(packet[1]), packet.len() - 2);
         assert!(packet.len() - 2 < 128, "remaining length must fit one byte");
