@@ -332,6 +332,11 @@ struct ServeArgs {
     /// when a third is left.
     #[arg(long, env = "FLOTILLA_CERT_LIFETIME", default_value = "90d", value_parser = parse_duration)]
     cert_lifetime: Duration,
+    /// How long after its certificate expired a device may still renew it
+    /// with its key, e.g. after months switched off (`180d`; `0s`: never,
+    /// such a device needs a new join token). Revoked devices never renew.
+    #[arg(long, env = "FLOTILLA_RENEW_GRACE", default_value = "180d", value_parser = parse_duration_or_zero)]
+    renew_grace: Duration,
     /// MQTT topic root.
     #[arg(long, env = "FLOTILLA_TOPIC_PREFIX", default_value = flotilla_proto::DEFAULT_PREFIX)]
     topic_prefix: String,
@@ -366,11 +371,19 @@ struct ServeArgs {
 
 /// Parses `500ms`, `30s`, `5m`, `1h`, or a bare number of seconds; not zero.
 fn parse_duration(s: &str) -> Result<Duration, String> {
+    match parse_duration_or_zero(s)? {
+        d if d.is_zero() => Err(format!("duration {s:?}: must be longer than zero")),
+        d => Ok(d),
+    }
+}
+
+/// A duration where zero means "never" (`--renew-grace 0s`).
+fn parse_duration_or_zero(s: &str) -> Result<Duration, String> {
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
     let n: u64 = num
         .parse()
-        .map_err(|_| format!("duration {s:?}: expected a number with ms, s, m or h"))?;
+        .map_err(|_| format!("duration {s:?}: expected a number with ms, s, m, h or d"))?;
     let d = match unit {
         "ms" => Some(Duration::from_millis(n)),
         "" | "s" => Some(Duration::from_secs(n)),
@@ -383,11 +396,7 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
             ));
         }
     };
-    match d {
-        Some(d) if !d.is_zero() => Ok(d),
-        Some(_) => Err(format!("duration {s:?}: must be longer than zero")),
-        None => Err(format!("duration {s:?}: too long")),
-    }
+    d.ok_or_else(|| format!("duration {s:?}: too long"))
 }
 
 impl ServeArgs {
@@ -420,6 +429,7 @@ impl ServeArgs {
                 sans: self.broker_sans.clone(),
                 advertise: self.mqtt_advertise.clone(),
                 cert_lifetime: self.cert_lifetime,
+                renew_grace: self.renew_grace,
             },
             broker,
             topics: Topics::new(&self.topic_prefix),

@@ -46,6 +46,8 @@ pub struct MqttTls {
     pub advertise: Option<String>,
     /// How long a device certificate is valid.
     pub cert_lifetime: Duration,
+    /// How long after expiry a device may still renew with its key.
+    pub renew_grace: Duration,
 }
 
 impl Default for MqttTls {
@@ -55,12 +57,17 @@ impl Default for MqttTls {
             sans: Vec::new(),
             advertise: None,
             cert_lifetime: DEFAULT_CERT_LIFETIME,
+            renew_grace: DEFAULT_RENEW_GRACE,
         }
     }
 }
 
 /// Default lifetime of device certificates: 90 days.
 pub const DEFAULT_CERT_LIFETIME: Duration = Duration::from_secs(90 * 24 * 3600);
+
+/// Default renewal grace: 180 days, so a device switched off for a season
+/// (a shop closed, a machine in storage) comes back without a new token.
+pub const DEFAULT_RENEW_GRACE: Duration = Duration::from_secs(180 * 24 * 3600);
 /// Lifetime of the controller's own client certificate for an external
 /// broker (made at every start, kept in memory only).
 const CONTROLLER_CERT_LIFETIME: Duration = Duration::from_secs(365 * 24 * 3600);
@@ -194,6 +201,7 @@ pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> anyhow::Re
                 identity.set_issuer(Issuer {
                     ca,
                     lifetime: tls.cert_lifetime,
+                    renew_grace: tls.renew_grace,
                     broker_url: url,
                 });
             }
@@ -225,6 +233,7 @@ pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> anyhow::Re
                 identity.set_issuer(Issuer {
                     ca,
                     lifetime: tls.cert_lifetime,
+                    renew_grace: tls.renew_grace,
                     broker_url: url,
                 });
             }

@@ -46,6 +46,7 @@ fn give_ca(identity: &Identity, ca: Ca) {
     identity.set_issuer(Issuer {
         ca,
         lifetime: Duration::from_secs(3600),
+        renew_grace: Duration::ZERO,
         broker_url: "mqtts://127.0.0.1:8883".into(),
     });
 }

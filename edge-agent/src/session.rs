@@ -183,6 +183,20 @@ struct EventLoopTask {
     renewed: Option<watch::Receiver<u64>>,
 }
 
+/// Resolves once the renewal task has stored a certificate this session has
+/// not loaded yet; never without one. A device the broker refuses for an
+/// expired certificate (switched off past its expiry) so reconnects as soon
+/// as it is renewed, not at the end of a back-off grown meanwhile. Waits on
+/// a clone: the session's own receiver still sees the change and loads it.
+async fn renewal(renewed: Option<&watch::Receiver<u64>>) {
+    if let Some(mut renewed) = renewed.cloned() {
+        if renewed.changed().await.is_ok() {
+            return;
+        }
+    }
+    std::future::pending().await
+}
+
 /// The TLS transport from the certificate files in `dir`.
 fn tls_transport(dir: &std::path::Path) -> Result<rumqttc::Transport, SessionError> {
     let config = crate::tls::client_config(dir)?;
@@ -261,6 +275,7 @@ impl EventLoopTask {
                     tokio::select! {
                         () = shutdown.cancelled() => break,
                         () = tokio::time::sleep(delay) => {}
+                        () = renewal(self.renewed.as_ref()) => {}
                     }
                     self.reload_certificate(eventloop);
                 }

@@ -330,3 +330,117 @@ fn certificates_are_renewed_before_they_expire_and_used_at_the_next_connect() {
         agent_log()
     );
 }
+
+/// A device switched off past its certificate's expiry (a shop closed for a
+/// season): within the controller's `--renew-grace` it renews with its own
+/// key when it comes back and reconnects, no new token needed; with
+/// `--renew-grace 0s` it is told to join again and does not connect, until
+/// the grace is raised.
+#[test]
+fn a_device_back_after_its_certificate_expired_renews_within_the_grace() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mqtt, tls, api) = (free_port(), free_port(), free_port());
+    let start = |grace: &str| {
+        Controller::start_full(
+            dir.path(),
+            Broker::Embedded(mqtt),
+            api,
+            None,
+            "127.0.0.1",
+            |cmd| {
+                cmd.arg("--mqtts-listen")
+                    .arg(format!("127.0.0.1:{tls}"))
+                    .arg("--broker-san")
+                    .arg("127.0.0.1")
+                    .arg("--cert-lifetime")
+                    .arg("3s")
+                    .arg("--renew-grace")
+                    .arg(grace);
+            },
+        )
+    };
+    let mut controller = start("1h");
+    let node = unique_node("expired");
+    let (_, out) = enroll(&controller, dir.path(), &node, "10m");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let identity = dir.path().join(format!("agent-{node}")).join("identity");
+    let cert = || std::fs::read_to_string(identity.join("device.pem")).unwrap();
+    // Until the stored certificate's expiry (device.times: received and
+    // expiry, ms since the epoch) has passed, plus a second: X.509 times are
+    // whole seconds and the last second is still valid.
+    let until_expired = || {
+        let times = std::fs::read_to_string(identity.join("device.times")).unwrap();
+        let expires: u64 = times.split_whitespace().nth(1).unwrap().parse().unwrap();
+        let now = || {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_millis() as u64
+        };
+        while now() <= expires + 1_200 {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    let start_agent = || {
+        Agent::start_with(
+            dir.path(),
+            &node,
+            &format!("mqtts://127.0.0.1:{tls}"),
+            &[],
+            None,
+            |cmd| {
+                cmd.arg("--runtime").arg("fake");
+            },
+        )
+    };
+
+    until_expired();
+    let expired = cert();
+    let mut agent = start_agent();
+    let logs = [controller.proc.log.as_path(), agent.proc.log.as_path()];
+    let agent_log = |agent: &Agent| std::fs::read_to_string(&agent.proc.log).unwrap_or_default();
+    wait_for("the agent to renew and connect", T, &logs, || {
+        agent_log(&agent)
+            .contains("connected to broker")
+            .then_some(())
+    });
+    assert_ne!(cert(), expired, "connected without a new certificate");
+    assert!(
+        agent_log(&agent).contains("certificate renewed"),
+        "{}",
+        agent_log(&agent)
+    );
+    agent.proc.stop();
+
+    // A controller without grace: the device must join again.
+    controller.proc.stop();
+    controller = start("0s");
+    until_expired();
+    let agent = start_agent();
+    let logs = [controller.proc.log.as_path(), agent.proc.log.as_path()];
+    wait_for("the renewal to be refused", T, &logs, || {
+        agent_log(&agent)
+            .contains("join again with a new token")
+            .then_some(())
+    });
+    assert!(
+        !agent_log(&agent).contains("connected to broker"),
+        "connected with an expired certificate: {}",
+        agent_log(&agent)
+    );
+
+    // The operator grants a grace again: the same agent, still retrying,
+    // renews and connects without a restart or a token.
+    controller.proc.stop();
+    controller = start("1h");
+    let logs = [controller.proc.log.as_path(), agent.proc.log.as_path()];
+    wait_for("the agent to renew and connect", T, &logs, || {
+        agent_log(&agent)
+            .contains("connected to broker")
+            .then_some(())
+    });
+}

@@ -66,6 +66,9 @@ pub struct Issuer {
     pub ca: Ca,
     /// Lifetime of a device certificate.
     pub lifetime: Duration,
+    /// How long after its certificate expired a node may still renew with
+    /// its key (a device switched off for a season); zero: never.
+    pub renew_grace: Duration,
     /// The broker address devices are told at join (`mqtts://HOST:PORT`).
     pub broker_url: String,
 }
@@ -239,9 +242,10 @@ impl Identity {
 
     /// Renews `node`'s certificate for `new_key`: `signature` must be by the
     /// node's current key over [`renew_message`], within five minutes of now,
-    /// and the node neither revoked nor its certificate expired. A retry of
-    /// a renewal whose answer was lost (the new key is already the current
-    /// one) may be signed by the key before it. Blocking.
+    /// and the node not revoked, its certificate not expired for longer than
+    /// the issuer's `renew_grace`. A retry of a renewal whose answer was lost
+    /// (the new key is already the current one) may be signed by the key
+    /// before it. Blocking.
     pub fn renew(
         &self,
         node: &str,
@@ -268,8 +272,11 @@ impl Identity {
                 None => return Err(IdentityError::RenewRefused("node has no certificate")),
             };
             drop(keys);
-            if expires <= now_ms() {
-                return Err(IdentityError::RenewRefused("certificate expired"));
+            let grace = u64::try_from(issuer.renew_grace.as_millis()).unwrap_or(u64::MAX);
+            if expires.saturating_add(grace) <= now_ms() {
+                return Err(IdentityError::RenewRefused(
+                    "certificate expired longer ago than the renewal grace: join again with a new token",
+                ));
             }
             let by_current = verify(&current, &message, signature);
             let retry = new_key.as_bytes() == current.as_slice()
@@ -429,13 +436,68 @@ mod tests {
     }
 
     fn identity_with_ca(dir: &std::path::Path) -> std::sync::Arc<Identity> {
+        issuing(dir, Duration::from_secs(3600), Duration::ZERO)
+    }
+
+    fn issuing(
+        dir: &std::path::Path,
+        lifetime: Duration,
+        renew_grace: Duration,
+    ) -> std::sync::Arc<Identity> {
         let id = Identity::open(dir, false).unwrap();
         id.set_issuer(Issuer {
             ca: Ca::ephemeral().unwrap(),
-            lifetime: Duration::from_secs(3600),
+            lifetime,
+            renew_grace,
             broker_url: "mqtts://broker:8883".into(),
         });
         id
+    }
+
+    /// A device switched off past its certificate's expiry renews with its
+    /// key within the grace, and only then.
+    #[test]
+    fn an_expired_certificate_renews_within_the_grace_only() {
+        let lifetime = Duration::from_secs(1);
+        let (strict_dir, lenient_dir) =
+            (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let strict = issuing(strict_dir.path(), lifetime, Duration::ZERO);
+        let lenient = issuing(lenient_dir.path(), lifetime, Duration::from_secs(3600));
+        let (pair, public) = device_key();
+        let joined = now_ms();
+        for id in [&strict, &lenient] {
+            let token = id.create_token(60_000, 1, &[]).unwrap().token;
+            id.join_with_key(&token, "pi-1", Some(&public)).unwrap();
+        }
+        while now_ms() <= joined + 1_100 {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+
+        let (next_pair, next) = device_key();
+        let now = now_ms();
+        let signed = sign(&pair, &renew_message("pi-1", next.as_bytes(), now));
+        match strict.renew("pi-1", &next, now, &signed) {
+            Err(IdentityError::RenewRefused(why)) => {
+                assert!(
+                    why.contains("expired") && why.contains("new token"),
+                    "{why}"
+                )
+            }
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+        let renewed = lenient.renew("pi-1", &next, now, &signed).unwrap();
+        assert_eq!(
+            lenient.certificate_node(&renewed.cert.der).as_deref(),
+            Some("pi-1")
+        );
+        // Revocation still wins over the grace.
+        lenient.revoke("pi-1").unwrap();
+        let (_, third) = device_key();
+        let by_next = sign(&next_pair, &renew_message("pi-1", third.as_bytes(), now));
+        assert!(matches!(
+            lenient.renew("pi-1", &third, now, &by_next),
+            Err(IdentityError::RenewRefused("node unknown or revoked"))
+        ));
     }
 
     #[test]
