@@ -146,8 +146,8 @@ fn not_found(kind: &str, name: &str) -> ApiError {
 
 type ApiResult = Result<axum::Json<Value>, ApiError>;
 
-/// A manifest whose workloads their namespaces do not allow, answered as
-/// a manifest with problems is, each named by workload and path.
+/// Workloads their namespaces do not allow (in an applied manifest, or the
+/// revision an undo goes back to), each named by workload and path.
 fn refused(v: &[Violation]) -> ApiError {
     let list: Vec<Value> = v
         .iter()
@@ -156,7 +156,7 @@ fn refused(v: &[Violation]) -> ApiError {
     let text: Vec<String> = v.iter().map(ToString::to_string).collect();
     ApiError(
         StatusCode::UNPROCESSABLE_ENTITY,
-        json!({ "error": format!("manifest refused:\n{}", text.join("\n")), "errors": list }),
+        json!({ "error": format!("refused by namespace policy:\n{}", text.join("\n")), "errors": list }),
     )
 }
 
@@ -639,6 +639,26 @@ async fn pod_logs(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The same answer for an apply and an undo: neither word in it.
+    #[test]
+    fn namespace_refusals_name_the_policy_and_each_workload() {
+        let v = Violation {
+            workload: "router".into(),
+            path: "spec.containers[0].securityContext.privileged".into(),
+            message: "namespace \"shop\" does not allow privileged containers".into(),
+        };
+        let ApiError(status, body) =
+            ControlError::Namespace(NamespaceError::Refused(vec![v])).into();
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+        assert_eq!(
+            body["error"],
+            "refused by namespace policy:\nworkload \"router\": \
+             spec.containers[0].securityContext.privileged: \
+             namespace \"shop\" does not allow privileged containers"
+        );
+        assert_eq!(body["errors"][0]["workload"], "router");
+    }
 
     #[test]
     fn cursors_and_characters_cut_in_two() {
