@@ -490,6 +490,7 @@ mod tests {
                 generation: 4,
                 pods: vec![],
                 prefetch: Vec::new(),
+                prefetch_pull_secrets: Vec::new(),
             };
             let status = NodeStatus {
                 node: "pi-1".into(),

@@ -5,18 +5,26 @@
 //! with back-off; how far each image is goes into `NodeStatus::prefetch`.
 //! The reconciler hands over each desired state's list; garbage collection
 //! keeps listed images (the reconciler puts them in its keep list).
+//!
+//! An image's pull secrets (`DesiredState::prefetch_pull_secrets`, sealed
+//! for this node) are opened in memory for each try, as a pod's are, and
+//! tried before the registries file's credentials. One that cannot be
+//! opened fails the entry, naming the secret: the operator asked for these
+//! credentials, so a quiet pull with others would hide why the pod's own
+//! pull later fails.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use flotilla_proto::{PrefetchState, PrefetchStatus, PullProgress};
+use flotilla_proto::{DesiredState, PrefetchState, PrefetchStatus, PullProgress, SealedSecret};
 use tokio::sync::watch;
 use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::image::{ImageError, Images, PullObserver};
+use crate::image::{Image, ImageError, Images, PullObserver};
 use crate::report::ReportHandle;
+use crate::secrets::{Keyring, MAX_PULL_SECRETS};
 
 /// Most images taken from one list; the rest are ignored (a desired state
 /// is capped, but its status echo should stay small too).
@@ -37,13 +45,15 @@ const PROGRESS_EVERY: Duration = Duration::from_secs(10);
 /// to clone.
 #[derive(Debug, Clone)]
 pub struct PrefetchHandle {
-    tx: Arc<watch::Sender<Vec<String>>>,
+    tx: Arc<watch::Sender<Vec<Wanted>>>,
 }
 
 impl PrefetchHandle {
-    /// Makes `images` the list to have on the device; images no longer
-    /// listed are dropped (a download under way stops, keeping its part).
-    pub fn set(&self, images: Vec<String>) {
+    /// Makes `desired`'s prefetch list the images to have on the device,
+    /// each with the pull secrets listed for it; images no longer listed
+    /// are dropped (a download under way stops, keeping its part).
+    pub fn set(&self, desired: &DesiredState) {
+        let images = wanted(desired);
         self.tx.send_if_modified(|current| {
             let changed = *current != images;
             *current = images;
@@ -52,9 +62,67 @@ impl PrefetchHandle {
     }
 }
 
+/// One image to have on the device, and the sealed pull secrets to try
+/// (their `Debug` shows ciphertext only).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Wanted {
+    image: String,
+    pull_secrets: Vec<SealedSecret>,
+}
+
+/// The first [`MAX_PREFETCH`] distinct images of `desired`'s list, each
+/// with the pull secrets of every entry naming it (once per Secret).
+fn wanted(desired: &DesiredState) -> Vec<Wanted> {
+    let mut out: Vec<Wanted> = Vec::new();
+    for image in &desired.prefetch {
+        if image.len() > MAX_REFERENCE || out.iter().any(|w| w.image == *image) {
+            continue;
+        }
+        if out.len() == MAX_PREFETCH {
+            tracing::warn!(
+                listed = desired.prefetch.len(),
+                "prefetching only the first {MAX_PREFETCH} images"
+            );
+            break;
+        }
+        let mut pull_secrets: Vec<SealedSecret> = Vec::new();
+        // Capped so that a list too long still shows as one (the keyring
+        // names it) without every entry being read.
+        let listed = desired
+            .prefetch_pull_secrets
+            .iter()
+            .take(MAX_PREFETCH)
+            .filter(|p| p.images.iter().take(MAX_PREFETCH).any(|i| i == image))
+            .flat_map(|p| p.pull_secrets.iter().take(MAX_PULL_SECRETS + 1));
+        for s in listed {
+            if pull_secrets.len() > MAX_PULL_SECRETS {
+                break;
+            }
+            if !pull_secrets.iter().any(|p| p.name == s.name) {
+                pull_secrets.push(s.clone());
+            }
+        }
+        out.push(Wanted {
+            image: image.clone(),
+            pull_secrets,
+        });
+    }
+    out
+}
+
+/// Whether two lists of sealed secrets stand for the same Secrets and
+/// contents (each seal's bytes differ, their names and digests do not).
+fn same_secrets(a: &[SealedSecret], b: &[SealedSecret]) -> bool {
+    a.len() == b.len()
+        && a.iter()
+            .zip(b)
+            .all(|(a, b)| a.name == b.name && a.digest == b.digest && a.problem == b.problem)
+}
+
 /// Starts the prefetcher; it ends with `shutdown`.
 pub fn spawn<I: Images>(
     images: Arc<I>,
+    keyring: Keyring,
     reports: ReportHandle,
     tracker: &TaskTracker,
     shutdown: CancellationToken,
@@ -62,6 +130,7 @@ pub fn spawn<I: Images>(
     let (tx, rx) = watch::channel(Vec::new());
     let prefetcher = Prefetcher {
         images,
+        keyring,
         reports,
         tracker: tracker.clone(),
         shutdown: shutdown.clone(),
@@ -80,6 +149,8 @@ pub fn spawn<I: Images>(
 /// One listed image.
 struct Entry {
     image: String,
+    /// Sealed; opened only for each try, on the pull's thread.
+    pull_secrets: Vec<SealedSecret>,
     state: PrefetchState,
     /// Failures in a row.
     failures: u32,
@@ -89,6 +160,7 @@ struct Entry {
 
 struct Prefetcher<I> {
     images: Arc<I>,
+    keyring: Keyring,
     reports: ReportHandle,
     tracker: TaskTracker,
     shutdown: CancellationToken,
@@ -99,7 +171,7 @@ struct Prefetcher<I> {
 }
 
 impl<I: Images> Prefetcher<I> {
-    async fn run(mut self, mut list: watch::Receiver<Vec<String>>) {
+    async fn run(mut self, mut list: watch::Receiver<Vec<Wanted>>) {
         loop {
             let wanted = list.borrow_and_update().clone();
             self.sync(&wanted);
@@ -135,24 +207,25 @@ impl<I: Images> Prefetcher<I> {
     }
 
     /// Takes `wanted` as the list, keeping what is known of images still
-    /// on it.
-    fn sync(&mut self, wanted: &[String]) {
+    /// on it; an image whose pull secrets changed is tried again at once.
+    fn sync(&mut self, wanted: &[Wanted]) {
         let mut old = std::mem::take(&mut self.entries);
-        for image in wanted {
-            if image.len() > MAX_REFERENCE || self.entries.iter().any(|e| e.image == *image) {
-                continue;
-            }
-            if self.entries.len() == MAX_PREFETCH {
-                tracing::warn!(
-                    listed = wanted.len(),
-                    "prefetching only the first {MAX_PREFETCH} images"
-                );
-                break;
-            }
-            let entry = match old.iter().position(|e| e.image == *image) {
-                Some(i) => old.swap_remove(i),
+        for w in wanted {
+            let entry = match old.iter().position(|e| e.image == w.image) {
+                Some(i) => {
+                    let mut e = old.swap_remove(i);
+                    if !same_secrets(&e.pull_secrets, &w.pull_secrets) {
+                        (e.failures, e.retry_at) = (0, None);
+                        if matches!(e.state, PrefetchState::Failed { .. }) {
+                            e.state = PrefetchState::Queued;
+                        }
+                    }
+                    e.pull_secrets = w.pull_secrets.clone();
+                    e
+                }
                 None => Entry {
-                    image: image.clone(),
+                    image: w.image.clone(),
+                    pull_secrets: w.pull_secrets.clone(),
                     state: PrefetchState::Queued,
                     failures: 0,
                     retry_at: None,
@@ -170,7 +243,7 @@ impl<I: Images> Prefetcher<I> {
 
     /// Downloads `image` until it is ready, fails, yields to a pod's pull
     /// or leaves the list; false at shutdown.
-    async fn fetch(&mut self, image: &str, list: &mut watch::Receiver<Vec<String>>) -> bool {
+    async fn fetch(&mut self, image: &str, list: &mut watch::Receiver<Vec<Wanted>>) -> bool {
         let progress = Arc::new(Mutex::new(None));
         let cancel = self.shutdown.child_token();
         let observer = Background {
@@ -186,10 +259,17 @@ impl<I: Images> Prefetcher<I> {
         self.report().await;
         tracing::info!(image, "prefetching");
         let images = Arc::clone(&self.images);
+        let keyring = self.keyring.clone();
         let reference = image.to_owned();
+        let sealed = self
+            .entries
+            .iter()
+            .find(|e| e.image == image)
+            .map(|e| e.pull_secrets.clone())
+            .unwrap_or_default();
         let mut job = self
             .tracker
-            .spawn_blocking(move || images.pull_background(&reference, &observer));
+            .spawn_blocking(move || pull(&*images, &keyring, &reference, &sealed, &observer));
         let mut tick = tokio::time::interval_at(Instant::now() + PROGRESS_EVERY, PROGRESS_EVERY);
         let mut listening = true;
         let result = loop {
@@ -203,7 +283,7 @@ impl<I: Images> Prefetcher<I> {
                     }
                 }
                 changed = list.changed(), if listening => {
-                    let listed = changed.is_ok() && list.borrow().iter().any(|i| i == image);
+                    let listed = changed.is_ok() && list.borrow().iter().any(|w| w.image == image);
                     listening = changed.is_ok();
                     if !listed {
                         cancel.cancel();
@@ -271,6 +351,23 @@ impl<I: Images> Prefetcher<I> {
     }
 }
 
+/// Opens `sealed` (in memory, for this try only) and pulls `reference` in
+/// the background with those credentials first. Blocking.
+fn pull<I: Images>(
+    images: &I,
+    keyring: &Keyring,
+    reference: &str,
+    sealed: &[SealedSecret],
+    observer: &Background<I>,
+) -> Result<Image, ImageError> {
+    // As for a pod's pull: a secret that cannot be opened is skipped, and
+    // named in the error only if the pull then fails (the registries file
+    // may well cover the registry; failing here would hold the node back
+    // until the rollout's prefetch timeout for nothing).
+    let secrets = keyring.pull_secrets(reference, sealed);
+    images.pull_background(reference, &secrets, observer)
+}
+
 /// What a background pull reports to, and when it stops: at shutdown,
 /// when its image leaves the list, or as soon as a pod pulls.
 struct Background<I> {
@@ -288,5 +385,67 @@ impl<I: Images> PullObserver for Background<I> {
 
     fn cancelled(&self) -> bool {
         self.cancel.is_cancelled() || self.images.foreground_pulls() > 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use flotilla_proto::PrefetchPullSecrets;
+
+    use super::*;
+
+    fn group(images: &[&str], secrets: &[&str]) -> PrefetchPullSecrets {
+        PrefetchPullSecrets {
+            images: images.iter().map(|i| (*i).to_owned()).collect(),
+            pull_secrets: secrets.iter().map(|s| SealedSecret::unsealed(*s)).collect(),
+        }
+    }
+
+    #[test]
+    fn each_image_gets_the_pull_secrets_of_the_entries_naming_it() {
+        let desired = DesiredState {
+            node: "n1".into(),
+            generation: 1,
+            pods: Vec::new(),
+            prefetch: vec!["a:2".into(), "b:2".into(), "c:2".into(), "a:2".into()],
+            prefetch_pull_secrets: vec![
+                group(&["a:2", "b:2"], &["shop"]),
+                group(&["b:2"], &["till", "shop"]),
+            ],
+        };
+        let got: Vec<(String, Vec<String>)> = wanted(&desired)
+            .into_iter()
+            .map(|w| {
+                let names = w.pull_secrets.into_iter().map(|s| s.name).collect();
+                (w.image, names)
+            })
+            .collect();
+        let want =
+            |i: &str, s: &[&str]| (i.to_owned(), s.iter().map(|s| (*s).to_owned()).collect());
+        assert_eq!(
+            got,
+            [
+                want("a:2", &["shop"]),
+                want("b:2", &["shop", "till"]),
+                want("c:2", &[]),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_new_seal_of_the_same_contents_is_the_same_secrets() {
+        let a = SealedSecret::unsealed("shop");
+        let resealed = SealedSecret {
+            nonce: [1; 12],
+            ciphertext: vec![1, 2, 3],
+            ..a.clone()
+        };
+        assert!(same_secrets(std::slice::from_ref(&a), &[resealed]));
+        let changed = SealedSecret {
+            digest: [1; 32],
+            ..a.clone()
+        };
+        assert!(!same_secrets(std::slice::from_ref(&a), &[changed]));
+        assert!(!same_secrets(&[a], &[]));
     }
 }

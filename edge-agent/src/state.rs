@@ -468,6 +468,7 @@ mod tests {
                 })
                 .collect(),
             prefetch: Vec::new(),
+            prefetch_pull_secrets: Vec::new(),
         }
     }
 

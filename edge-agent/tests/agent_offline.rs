@@ -32,6 +32,7 @@ fn state(node: &str, generation: u64, pod: &str) -> DesiredState {
             image_pull_secrets: Vec::new(),
         }],
         prefetch: Vec::new(),
+        prefetch_pull_secrets: Vec::new(),
     }
 }
 

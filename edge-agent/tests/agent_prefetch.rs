@@ -3,19 +3,24 @@
 //! the status, kept by garbage collection, and make the later switch need
 //! no download. Pods' own pulls come first; a failing prefetch is retried.
 //! The reconciler with the fake runtime and the real image store, pulling
-//! from a real registry through a proxy that throttles it like a 4G link.
+//! from a real registry through a proxy that throttles it like a 4G link;
+//! and from one that asks for a login (htpasswd), with the sealed pull
+//! secrets listed for the image.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::reconciler::{Harness, desired};
+use common::sealing::{docker_config, seal};
 use flotilla_agent::reconciler::container_id;
+use flotilla_agent::secrets::SealingKey;
 use flotilla_proto::{
     ContainerSpec, ContainerState, DesiredState, NodeStatus, PodPhase, PodSpec, PodStatus,
-    PrefetchState, RestartPolicy,
+    PrefetchPullSecrets, PrefetchState, RestartPolicy, SealedSecret,
 };
 use flotilla_testkit::oci;
 use flotilla_testkit::registry::{CutProxy, Registry};
@@ -235,4 +240,216 @@ async fn a_pods_pull_goes_first_and_a_failed_prefetch_is_retried() {
     .await;
     assert_eq!(s.h.runtime.running_ids(), [container_id("till", &app(&v1))]);
     s.stop().await;
+}
+
+/// The private registry's login.
+const USER: &str = "robot";
+const PASSWORD: &str = "s3cret-prefetch";
+/// How long a pull from the local registry may take on a loaded machine.
+const DEADLINE: Duration = Duration::from_secs(120);
+
+/// A registry that asks for a login, holding `shop/app:2`, and the
+/// reconciler of a node with a sealing key whose registries file has no
+/// credentials for it.
+struct Private {
+    registry: Registry,
+    h: Harness,
+    public: [u8; 32],
+    images: tempfile::TempDir,
+}
+
+impl Private {
+    fn start() -> Self {
+        let registry = Registry::builder()
+            .basic_auth(USER, PASSWORD)
+            .start()
+            .unwrap();
+        push(&registry, "shop/app:2", b"private two");
+        let key = SealingKey::generate().unwrap();
+        let public = key.public();
+        let images = tempfile::tempdir().unwrap();
+        let h = Harness::with_registry_store_keyed(images.path(), &[registry.host()], Some(key));
+        Self {
+            registry,
+            h,
+            public,
+            images,
+        }
+    }
+
+    fn image(&self) -> String {
+        format!("{}/shop/app:2", self.registry.host())
+    }
+
+    /// Pull secret `name` with `password` for the registry, sealed for n1.
+    fn secret(&self, name: &str, password: &str) -> SealedSecret {
+        let config = docker_config(&self.registry.host(), USER, password);
+        seal("n1", &self.public, name, config)
+    }
+}
+
+/// `d` prefetching `image` with `secrets` listed for it.
+fn with_secrets(d: DesiredState, image: &str, secrets: Vec<SealedSecret>) -> DesiredState {
+    let mut d = with_prefetch(d, &[image]);
+    d.prefetch_pull_secrets = vec![PrefetchPullSecrets {
+        images: vec![image.to_owned()],
+        pull_secrets: secrets,
+    }];
+    d
+}
+
+/// The reason and message of `image`'s failed prefetch.
+fn failed<'a>(s: &'a NodeStatus, image: &str) -> Option<(&'a str, &'a str)> {
+    match prefetch_of(s, image) {
+        Some(PrefetchState::Failed {
+            reason, message, ..
+        }) => Some((reason.as_str(), message.as_str())),
+        _ => None,
+    }
+}
+
+async fn within<T>(what: &str, f: impl Future<Output = T>) -> T {
+    tokio::time::timeout(DEADLINE, f)
+        .await
+        .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+}
+
+/// Regular files under `dir` whose bytes hold `needle`.
+fn files_holding(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let Ok(meta) = std::fs::symlink_metadata(e.path()) else {
+                continue;
+            };
+            if meta.is_dir() {
+                todo.push(e.path());
+            } else if meta.is_file()
+                && std::fs::read(e.path())
+                    .is_ok_and(|bytes| bytes.windows(needle.len()).any(|w| w == needle))
+            {
+                found.push(e.path());
+            }
+        }
+    }
+    found
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_private_image_is_prefetched_with_the_sealed_pull_secret_listed_for_it() {
+    let mut p = Private::start();
+    let image = p.image();
+
+    // Listed without a secret: the registry refuses, and the state says so.
+    p.h.apply(with_prefetch(desired(1, vec![]), &[&image]))
+        .await;
+    let st = within(
+        "the prefetch refused",
+        p.h.status_where("refused", |s| failed(s, &image).is_some()),
+    )
+    .await;
+    let (reason, message) = failed(&st, &image).unwrap();
+    assert_eq!(reason, "Unauthorized", "{message}");
+    assert!(message.contains("none are configured"), "{message}");
+
+    // With the new revision's pull secret listed for it: opened, used, and
+    // the image comes (tried again at once: its secrets changed).
+    let regcred = p.secret("regcred", PASSWORD);
+    p.h.apply(with_secrets(desired(2, vec![]), &image, vec![regcred]))
+        .await;
+    within(
+        "the private image prefetched",
+        p.h.status_where("ready", |s| {
+            prefetch_of(s, &image) == Some(&PrefetchState::Ready)
+        }),
+    )
+    .await;
+
+    // It is on the device: the switched pod starts with no secret of its
+    // own, which the registry would refuse.
+    p.h.apply(desired(3, vec![pod("shop", &image)])).await;
+    within(
+        "the pod running on the prefetched image",
+        p.h.pod_where("shop", "running", |p| p.generation == 3 && running(p)),
+    )
+    .await;
+
+    // The login never reached the device's disk, in any spelling.
+    use base64::Engine as _;
+    let auth = base64::engine::general_purpose::STANDARD.encode(format!("{USER}:{PASSWORD}"));
+    for needle in [PASSWORD, auth.as_str()] {
+        for dir in [p.h.dir.path(), p.images.path()] {
+            let found = files_holding(dir, needle.as_bytes());
+            assert!(found.is_empty(), "{needle:?} written to {found:?}");
+        }
+    }
+    p.h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_or_unopenable_prefetch_pull_secret_is_named_in_the_prefetch_state() {
+    let mut p = Private::start();
+    let image = p.image();
+
+    // A wrong password: refused by the registry, the secret named, its
+    // values not.
+    let wrong = p.secret("wrong", "guess");
+    p.h.apply(with_secrets(desired(1, vec![]), &image, vec![wrong]))
+        .await;
+    let st = within(
+        "the wrong password refused",
+        p.h.status_where("refused", |s| failed(s, &image).is_some()),
+    )
+    .await;
+    let (reason, message) = failed(&st, &image).unwrap();
+    assert_eq!(reason, "Unauthorized", "{message}");
+    assert!(
+        message.contains("credentials were refused (pull secret \"wrong\")"),
+        "{message}"
+    );
+    assert!(!message.contains("guess"), "{message}");
+
+    // Sealed for another node's key: skipped, as a pod's pull skips it; the
+    // registries file has no login for this registry either, so the pull
+    // is refused and the entry names the secret and why.
+    let stranger = seal(
+        "n1",
+        &SealingKey::generate().unwrap().public(),
+        "stranger",
+        docker_config(&p.registry.host(), USER, PASSWORD),
+    );
+    p.h.apply(with_secrets(desired(2, vec![]), &image, vec![stranger]))
+        .await;
+    let st = within(
+        "the unopenable secret named",
+        p.h.status_where("unusable", |s| {
+            failed(s, &image).is_some_and(|(r, m)| r == "Unauthorized" && m.contains("stranger"))
+        }),
+    )
+    .await;
+    let (_, message) = failed(&st, &image).unwrap();
+    assert!(
+        message.contains("pull secret \"stranger\" could not be used")
+            && message.contains("cannot be opened with this node's sealing key"),
+        "{message}"
+    );
+    assert!(message.contains(&image), "{message}");
+    assert!(!message.contains(PASSWORD), "{message}");
+
+    // The right one: the same entry recovers.
+    let regcred = p.secret("regcred", PASSWORD);
+    p.h.apply(with_secrets(desired(3, vec![]), &image, vec![regcred]))
+        .await;
+    within(
+        "prefetched with the right secret",
+        p.h.status_where("ready", |s| {
+            prefetch_of(s, &image) == Some(&PrefetchState::Ready)
+        }),
+    )
+    .await;
+    p.h.stop().await;
 }

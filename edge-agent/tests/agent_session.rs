@@ -251,6 +251,7 @@ fn desired(node: &str, generation: u64, version: &str) -> DesiredState {
             image_pull_secrets: Vec::new(),
         }],
         prefetch: Vec::new(),
+        prefetch_pull_secrets: Vec::new(),
     }
 }
 

@@ -150,6 +150,7 @@ async fn real_containers_run_from_stored_state_and_are_removed_when_undesired() 
         generation: 1,
         pods: vec![hello],
         prefetch: Vec::new(),
+        prefetch_pull_secrets: Vec::new(),
     };
     run_with_stored(dir.path(), &d1, "hello's output", || {
         log("hello").contains("hello from hello")
@@ -172,6 +173,7 @@ async fn real_containers_run_from_stored_state_and_are_removed_when_undesired() 
         generation: 2,
         pods: vec![second],
         prefetch: Vec::new(),
+        prefetch_pull_secrets: Vec::new(),
     };
     run_with_stored(dir.path(), &d2, "hello removed and second running", || {
         let ids = cgroups();
@@ -188,6 +190,7 @@ async fn real_containers_run_from_stored_state_and_are_removed_when_undesired() 
         generation: 3,
         pods: vec![],
         prefetch: Vec::new(),
+        prefetch_pull_secrets: Vec::new(),
     };
     run_with_stored(dir.path(), &d3, "everything removed", || {
         cgroups().is_empty() && !logs.join("second").exists()

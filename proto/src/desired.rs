@@ -22,6 +22,20 @@ pub struct DesiredState {
     /// agent keeps them while listed and reports them in
     /// `NodeStatus::prefetch`.
     pub prefetch: Vec<String>,
+    /// Registry credentials for `prefetch`'s images: the image pull secrets
+    /// of the revision that lists them, sealed for this node as a pod's
+    /// are, tried before the agent's own. An image no entry names is
+    /// pulled with the agent's credentials only.
+    pub prefetch_pull_secrets: Vec<PrefetchPullSecrets>,
+}
+
+/// The image pull secrets of one revision whose images a node prefetches.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PrefetchPullSecrets {
+    /// The entries of `DesiredState::prefetch` these are for.
+    pub images: Vec<String>,
+    /// The revision's `PodSpec::image_pull_secrets`, sealed for the node.
+    pub pull_secrets: Vec<SealedSecret>,
 }
 
 impl Message for DesiredState {

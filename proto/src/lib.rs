@@ -20,9 +20,9 @@ mod topics;
 pub use capabilities::CAPABILITIES;
 pub use codec::{DecodeError, EncodeError, Message, WIRE_VERSION, decode, encode};
 pub use desired::{
-    ConfigFile, ContainerSpec, DesiredState, EnvVar, PodSpec, Probe, ProbeAction, Resources,
-    RestartPolicy, SealedSecret, SecretFiles, SecretItem, SecurityContext, Volume, VolumeMount,
-    VolumeSource, sealed_secret_context,
+    ConfigFile, ContainerSpec, DesiredState, EnvVar, PodSpec, PrefetchPullSecrets, Probe,
+    ProbeAction, Resources, RestartPolicy, SealedSecret, SecretFiles, SecretItem, SecurityContext,
+    Volume, VolumeMount, VolumeSource, sealed_secret_context,
 };
 pub use names::{MAX_NAME, NameError, check_label_key, check_label_value, check_name};
 pub use presence::Presence;

@@ -88,6 +88,7 @@ fn desired() -> DesiredState {
             image_pull_secrets: vec![],
         }],
         prefetch: Vec::new(),
+        prefetch_pull_secrets: Vec::new(),
     }
 }
 
@@ -270,6 +271,11 @@ fn round_trips() {
     );
     d.prefetch = vec!["registry.local:5000/app:2".into(), "oci:/img:2".into()];
     assert_eq!(decode::<DesiredState>(&encode(&d).unwrap()).unwrap(), d);
+    d.prefetch_pull_secrets = vec![PrefetchPullSecrets {
+        images: vec!["registry.local:5000/app:2".into()],
+        pull_secrets: d.pods[0].image_pull_secrets.clone(),
+    }];
+    assert_eq!(decode::<DesiredState>(&encode(&d).unwrap()).unwrap(), d);
     let mut s = status();
     assert_eq!(decode::<NodeStatus>(&encode(&s).unwrap()).unwrap(), s);
     s.prefetch = vec![
@@ -330,7 +336,7 @@ fn golden_bytes() {
          636f6e66020106612e636f6e6603783d31a40301046d61696e0a6f63693a2f696d673a31\
          0102736802022d630474727565010141016201012f01f4030180804001400104636f6e66\
          082f6574632f617070010102903f082f6865616c74687a010a0101030101903f00050102\
-         010100010474727565000101011e000000"
+         010100010474727565000101011e00000000"
     );
     assert_eq!(
         hex(&encode(&status()).unwrap()),

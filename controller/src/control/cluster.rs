@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
-use flotilla_proto::{DesiredState, PodSpec};
+use flotilla_proto::{DesiredState, PodSpec, PrefetchPullSecrets};
 
 use crate::fleet::Fleet;
 use crate::manifest::{Placement, Workload};
@@ -25,6 +25,9 @@ pub struct NodeDesired {
     pub pods: Vec<PlacedPod>,
     /// Images to download ahead of a rollout's switch (each once).
     pub prefetch: Vec<String>,
+    /// The pull secrets of the revisions those images come from, as
+    /// unsealed references (sealed per node as the state is encoded).
+    pub prefetch_pull_secrets: Vec<PrefetchPullSecrets>,
 }
 
 /// One pod on a node: its name there and its workload's template.
@@ -65,6 +68,7 @@ impl NodeDesired {
                 })
                 .collect(),
             prefetch: self.prefetch.clone(),
+            prefetch_pull_secrets: self.prefetch_pull_secrets.clone(),
         }
     }
 }
@@ -165,12 +169,14 @@ impl Cluster {
                     .collect();
                 let generation = state.generation;
                 let prefetch = state.prefetch;
+                let prefetch_pull_secrets = state.prefetch_pull_secrets;
                 (
                     node,
                     NodeDesired {
                         generation,
                         pods,
                         prefetch,
+                        prefetch_pull_secrets,
                     },
                 )
             })
@@ -255,6 +261,7 @@ impl Cluster {
         let schedule = scheduler::schedule(&self.facts(), workloads, &self.current(), now_ms);
         let mut by_node: BTreeMap<&str, Vec<PlacedPod>> = BTreeMap::new();
         let mut prefetch: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+        let mut prefetch_secrets: BTreeMap<&str, Vec<PrefetchPullSecrets>> = BTreeMap::new();
         for (workload, pods) in &schedule.placements {
             let Some(template) = templates.get(workload) else {
                 continue;
@@ -264,6 +271,15 @@ impl Cluster {
                 .filter(|r| !r.rollout.prefetching.is_empty())
                 .map(|r| rollout::prefetch_images(template, &r.stable))
                 .unwrap_or_default();
+            // The new revision's registry logins go with its images, as
+            // its pods' pulls will use them.
+            let secrets =
+                (!images.is_empty() && !template.image_pull_secrets.is_empty()).then(|| {
+                    PrefetchPullSecrets {
+                        images: images.clone(),
+                        pull_secrets: template.image_pull_secrets.clone(),
+                    }
+                });
             for (node, pod) in pods {
                 if rollout.is_some_and(|r| r.rollout.prefetching.contains_key(node)) {
                     let list = prefetch.entry(node).or_default();
@@ -271,6 +287,12 @@ impl Cluster {
                         if !list.contains(image) {
                             list.push(image.clone());
                         }
+                    }
+                    if let Some(secrets) = &secrets {
+                        prefetch_secrets
+                            .entry(node)
+                            .or_default()
+                            .push(secrets.clone());
                     }
                 }
                 let template = match rollout {
@@ -294,10 +316,15 @@ impl Cluster {
         for node in names {
             let pods = by_node.remove(node).unwrap_or_default();
             let prefetch = prefetch.remove(node).unwrap_or_default();
+            let prefetch_pull_secrets = prefetch_secrets.remove(node).unwrap_or_default();
             let last = self.desired.get(node);
             let published = last.map_or(0, |d| d.generation);
             let observed = self.fleet.get(node).map_or(0, |n| n.observed_generation());
-            let same = last.is_some_and(|d| d.pods == pods && d.prefetch == prefetch);
+            let same = last.is_some_and(|d| {
+                d.pods == pods
+                    && d.prefetch == prefetch
+                    && d.prefetch_pull_secrets == prefetch_pull_secrets
+            });
             if same && observed <= published {
                 continue;
             }
@@ -309,6 +336,7 @@ impl Cluster {
                 generation,
                 pods,
                 prefetch,
+                prefetch_pull_secrets,
             };
             out.push((node.to_owned(), desired));
         }
@@ -425,6 +453,7 @@ mod tests {
                 },
             ],
             prefetch: Vec::new(),
+            prefetch_pull_secrets: Vec::new(),
         };
         let mut snap = Snapshot::default();
         snap.workloads.insert("web".into(), web);
@@ -478,5 +507,104 @@ mod tests {
         let n1 = &changed.iter().find(|(n, _)| n == "n1").unwrap().1;
         assert!(Arc::ptr_eq(&n1.pods[0].template, &templates["web"]));
         assert!(n1.prefetch.is_empty());
+    }
+
+    #[test]
+    fn a_prefetching_node_gets_the_new_revisions_pull_secrets_sealed_for_it() {
+        use crate::secrets::{Sealer, Secret, SecretType, bump, to_references};
+        use flotilla_proto::{ConfigFile, SealedSecret, SecretFiles, encode};
+
+        let mut cluster = Cluster::default();
+        cluster.fleet.ingest_status(status("n1", "a", 0), 1);
+        cluster.fleet.ingest_status(status("n3", "a", 0), 1);
+        let old = workload(WEB);
+        let private = WEB.replace("oci:/x", "reg.local:5000/app:2")
+            + "  imagePullSecrets: [{name: regcred}]\n";
+        let workloads = BTreeMap::from([("web".to_string(), workload(&private))]);
+        let templates = templates_for(&workloads, &BTreeMap::new());
+        let mut rollout = Rollout::new("web", 1, 2, vec!["n1".into(), "n3".into()], 0);
+        rollout.prefetching.insert("n1".into(), 0);
+        let stable = Arc::new(old.pod_spec("web"));
+        let rollouts = BTreeMap::from([("web".to_string(), RolloutState { rollout, stable })]);
+        let (changed, _) = cluster.plan(&workloads, &templates, &rollouts, 1);
+        let by_node: BTreeMap<_, _> = changed.into_iter().collect();
+
+        // The wave's node: the new images with the new revision's pull
+        // secrets, as references; its pods (the old revision) name none.
+        let n1 = &by_node["n1"];
+        assert_eq!(n1.prefetch, ["reg.local:5000/app:2"]);
+        assert_eq!(
+            n1.prefetch_pull_secrets,
+            [PrefetchPullSecrets {
+                images: vec!["reg.local:5000/app:2".into()],
+                pull_secrets: vec![SealedSecret::unsealed("regcred")],
+            }]
+        );
+        assert!(n1.pods[0].template.image_pull_secrets.is_empty());
+        assert!(by_node["n3"].prefetch_pull_secrets.is_empty());
+
+        // Encoded for n1, they are sealed for n1's key as a pod's are; a
+        // node without a key gets the reason instead.
+        let dir = tempfile::tempdir().unwrap();
+        let identity = crate::identity::Identity::open(dir.path(), false).unwrap();
+        identity.set_sealing_key("n1", [9; 32]).unwrap();
+        let sealer = Sealer::open(dir.path(), identity).unwrap();
+        let json = br#"{"auths":{"reg.local:5000":{"auth":"cm9ib3Q6czNjcmV0"}}}"#.to_vec();
+        let secrets = BTreeMap::from([(
+            "regcred".to_string(),
+            Secret {
+                name: "regcred".into(),
+                kind: SecretType::DockerConfigJson,
+                data: BTreeMap::from([(".dockerconfigjson".to_string(), json.clone())]),
+            },
+        )]);
+        let mut state = n1.to_state("n1");
+        sealer.seal_state(&mut state, &secrets);
+        let sealed = &state.prefetch_pull_secrets[0].pull_secrets[0];
+        let frame = encode(&SecretFiles {
+            files: vec![ConfigFile {
+                path: ".dockerconfigjson".into(),
+                data: json,
+                mode: 0o400,
+            }],
+        })
+        .unwrap();
+        assert_eq!(sealed.name, "regcred");
+        assert_eq!(sealed.problem, None);
+        assert_eq!(sealed.digest, sealer.vault().digest("regcred", &frame));
+        assert_eq!(sealed.ciphertext.len(), frame.len() + 16);
+        assert!(!sealed.ciphertext.windows(8).any(|w| w == b"cm9ib3Q6"));
+        let mut keyless = n1.to_state("n2");
+        sealer.seal_state(&mut keyless, &secrets);
+        assert_eq!(
+            keyless.prefetch_pull_secrets[0].pull_secrets[0]
+                .problem
+                .as_deref(),
+            Some("node n2 has no sealing key: re-enrol it")
+        );
+
+        // Stored sealed, read back as references: a restarted controller
+        // sees n1 unchanged.
+        let mut stored = BTreeMap::from([("n1".to_string(), state)]);
+        to_references(&mut stored);
+        let snap = Snapshot {
+            workloads: workloads.clone(),
+            desired: stored,
+            ..Snapshot::default()
+        };
+        let restarted = Cluster::from_snapshot(snap);
+        assert_eq!(restarted.desired["n1"], *n1);
+
+        // A changed regcred reaches n1 (whose pods do not use it), not n3.
+        cluster.desired = by_node.clone();
+        let mut bumped = Vec::new();
+        bump(
+            &cluster,
+            &BTreeSet::from(["regcred".to_string()]),
+            &mut bumped,
+        );
+        let nodes: Vec<&str> = bumped.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(nodes, ["n1"]);
+        assert_eq!(bumped[0].1.generation, n1.generation + 1);
     }
 }

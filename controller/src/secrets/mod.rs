@@ -142,6 +142,11 @@ pub fn to_references(states: &mut BTreeMap<String, DesiredState>) {
                 *sealed = SealedSecret::unsealed(sealed.name.clone());
             }
         }
+        for p in &mut state.prefetch_pull_secrets {
+            for sealed in &mut p.pull_secrets {
+                *sealed = SealedSecret::unsealed(sealed.name.clone());
+            }
+        }
     }
 }
 
@@ -157,7 +162,12 @@ pub fn bump(cluster: &Cluster, names: &BTreeSet<String>, changed: &mut Vec<(Stri
         let uses = desired
             .pods
             .iter()
-            .any(|p| referenced(&p.template).any(|n| names.contains(n)));
+            .any(|p| referenced(&p.template).any(|n| names.contains(n)))
+            || desired
+                .prefetch_pull_secrets
+                .iter()
+                .flat_map(|p| &p.pull_secrets)
+                .any(|s| names.contains(&s.name));
         if !uses || already.contains(node) {
             continue;
         }
@@ -217,9 +227,9 @@ impl Sealer {
             .collect()
     }
 
-    /// Replaces every unsealed reference in `state` (secret volumes and
-    /// image pull secrets) with the Secret sealed for `state.node`, or with
-    /// the reason it could not be.
+    /// Replaces every unsealed reference in `state` (secret volumes, image
+    /// pull secrets, prefetches' pull secrets) with the Secret sealed for
+    /// `state.node`, or with the reason it could not be.
     pub fn seal_state(&self, state: &mut DesiredState, secrets: &BTreeMap<String, Secret>) {
         let node_key = self.identity.sealing_key(&state.node);
         for pod in &mut state.pods {
@@ -238,13 +248,29 @@ impl Sealer {
                 }
             }
             for sealed in &mut pod.image_pull_secrets {
-                let files = secrets
-                    .get(&sealed.name)
-                    .ok_or_else(|| not_found(&sealed.name))
-                    .and_then(pull_files);
-                *sealed = self.seal_files(&state.node, node_key, &sealed.name, files);
+                self.seal_pull(&state.node, node_key, sealed, secrets);
             }
         }
+        for p in &mut state.prefetch_pull_secrets {
+            for sealed in &mut p.pull_secrets {
+                self.seal_pull(&state.node, node_key, sealed, secrets);
+            }
+        }
+    }
+
+    /// Seals the image pull secret `sealed` refers to, in place.
+    fn seal_pull(
+        &self,
+        node: &str,
+        node_key: Option<[u8; 32]>,
+        sealed: &mut SealedSecret,
+        secrets: &BTreeMap<String, Secret>,
+    ) {
+        let files = secrets
+            .get(&sealed.name)
+            .ok_or_else(|| not_found(&sealed.name))
+            .and_then(pull_files);
+        *sealed = self.seal_files(node, node_key, &sealed.name, files);
     }
 
     fn seal_files(

@@ -156,14 +156,15 @@ pub trait Images: Send + Sync + 'static {
         self.pull(reference, &NoObserver)
     }
 
-    /// [`Images::pull`] for a prefetch: not counted by
+    /// [`Images::pull_with`] for a prefetch: not counted by
     /// [`Images::foreground_pulls`], so the prefetch can yield to pods.
     fn pull_background(
         &self,
         reference: &str,
+        secrets: &PullSecrets,
         observer: &dyn PullObserver,
     ) -> Result<Image, ImageError> {
-        self.pull(reference, observer)
+        self.pull_with(reference, secrets, observer)
     }
 
     /// How many pulls other than background ones run now.

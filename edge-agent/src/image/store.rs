@@ -383,9 +383,10 @@ impl Images for ImageStore {
     fn pull_background(
         &self,
         reference: &str,
+        secrets: &PullSecrets,
         observer: &dyn PullObserver,
     ) -> Result<Image, ImageError> {
-        self.pull_locked(reference, &PullSecrets::none(), observer)
+        self.pull_locked(reference, secrets, observer)
     }
 
     fn foreground_pulls(&self) -> usize {

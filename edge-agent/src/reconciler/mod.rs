@@ -221,6 +221,7 @@ pub fn spawn<R: Runtime, I: Images>(
     let (tx, rx) = mpsc::channel(8);
     let prefetch = crate::prefetch::spawn(
         Arc::clone(&images),
+        settings.secrets.clone(),
         reports.clone(),
         tracker,
         shutdown.clone(),
@@ -284,6 +285,7 @@ impl<R: Runtime, I: Images> Actor<R, I> {
             generation: 0,
             pods: Vec::new(),
             prefetch: Vec::new(),
+            prefetch_pull_secrets: Vec::new(),
         });
         self.apply(initial).await;
         for (pod, containers) in std::mem::take(&mut self.existing) {
@@ -351,7 +353,7 @@ impl<R: Runtime, I: Images> Actor<R, I> {
 
     async fn apply(&mut self, desired: DesiredState) {
         let generation = desired.generation;
-        self.prefetch.set(desired.prefetch.clone());
+        self.prefetch.set(&desired);
         if generation > 0 {
             // Images no desired pod names and no prefetch lists go; the
             // store keeps the previous set too, for rollbacks. In the

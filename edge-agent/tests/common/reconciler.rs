@@ -27,6 +27,7 @@ pub fn desired(generation: u64, pods: Vec<PodSpec>) -> DesiredState {
         generation,
         pods,
         prefetch: Vec::new(),
+        prefetch_pull_secrets: Vec::new(),
     }
 }
 
@@ -57,6 +58,16 @@ impl Harness {
     /// `hosts` (test registries and proxies) over plain HTTP, with no
     /// free-space floor.
     pub fn with_registry_store(dir: &std::path::Path, hosts: &[String]) -> Self {
+        Self::with_registry_store_keyed(dir, hosts, None)
+    }
+
+    /// [`Harness::with_registry_store`] for a node with this sealing key,
+    /// so that it opens the pull secrets tests seal for `n1`.
+    pub fn with_registry_store_keyed(
+        dir: &std::path::Path,
+        hosts: &[String],
+        key: Option<SealingKey>,
+    ) -> Self {
         use flotilla_agent::image::{ImageStore, PullSettings, RegistrySettings};
         let mut settings = PullSettings::default();
         settings.min_free = 0;
@@ -68,7 +79,7 @@ impl Harness {
             settings = settings.with_registry(host, insecure);
         }
         let store = ImageStore::with_settings(dir.join("images"), settings).unwrap();
-        Self::start_with_images(FakeRuntime::new(), Arc::new(store), None)
+        Harness::start_custom(Arc::new(FakeRuntime::new()), Arc::new(store), key, None)
     }
 }
 
