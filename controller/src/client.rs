@@ -1,6 +1,7 @@
 //! The CLI's API client: where the API is, which bearer token to send and
-//! which CA to trust. The token is `--token`, else `$FLOTILLA_TOKEN`, else
-//! the local controller's `admin.token`; the CA is `--ca`, else
+//! which CA to trust. The token is `--token` (`$FLOTILLA_TOKEN`), else the
+//! file `--token-file` (`$FLOTILLA_TOKEN_FILE`) names, else the local
+//! controller's `admin.token`; the CA is `--ca`, else
 //! `$FLOTILLA_CA`, else the local controller's `ca.pem`, else the system's
 //! roots. The local files are read only for a loopback server, so a local
 //! admin token is never sent to another machine, and a token is never sent
@@ -31,6 +32,8 @@ pub struct ClientOptions {
     pub server: String,
     /// `--token` / `$FLOTILLA_TOKEN`.
     pub token: Option<String>,
+    /// `--token-file` / `$FLOTILLA_TOKEN_FILE`.
+    pub token_file: Option<PathBuf>,
     /// `--ca` / `$FLOTILLA_CA`.
     pub ca: Option<PathBuf>,
 }
@@ -100,10 +103,21 @@ impl Client {
             bail!("server {base:?}: expected https://HOST:PORT (or http:// on this machine)");
         };
         let local = is_loopback(&base);
-        let token = match &options.token {
-            Some(t) => Some(t.trim().to_owned()),
-            None if local => local_file(ADMIN_TOKEN_FILE).map(|(_, t)| t.trim().to_owned()),
-            None => None,
+        let token = match (&options.token, &options.token_file) {
+            (Some(t), _) => Some(t.trim().to_owned()),
+            (None, Some(path)) => {
+                let text = read_capped(path)
+                    .with_context(|| format!("reading the token file {}", path.display()))?;
+                let token = text.trim();
+                anyhow::ensure!(
+                    !token.is_empty(),
+                    "token file {}: empty, expected an api token",
+                    path.display()
+                );
+                Some(token.to_owned())
+            }
+            (None, None) if local => local_file(ADMIN_TOKEN_FILE).map(|(_, t)| t.trim().to_owned()),
+            (None, None) => None,
         }
         .filter(|t| !t.is_empty());
         if !https && !local && token.is_some() {
@@ -271,6 +285,7 @@ mod tests {
         let options = ClientOptions {
             server: "http://10.0.0.1:7470".into(),
             token: Some("fla_x".into()),
+            token_file: None,
             ca: None,
         };
         let err = Client::new(&options).err().unwrap().to_string();

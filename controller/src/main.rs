@@ -209,17 +209,39 @@ enum TokenCommand {
 #[derive(Subcommand)]
 enum BrokerConfigCommand {
     /// Write mosquitto.conf, its ACL, revocation list and TLS files into a
-    /// directory (run again after `node revoke`, then SIGHUP mosquitto).
+    /// directory, only those that changed, then run --reload-cmd if any did
+    /// (flotilla-mosquitto-config.timer runs it hourly).
     Mosquitto {
         /// The directory (the broker's key is made there once and kept).
-        #[arg(long)]
+        #[arg(long, env = "FLOTILLA_MOSQUITTO_DIR")]
         out: PathBuf,
         /// Address of the TLS listener, HOST:PORT.
-        #[arg(long, default_value = "0.0.0.0:8883")]
+        #[arg(
+            long,
+            env = "FLOTILLA_MOSQUITTO_LISTEN",
+            default_value = "0.0.0.0:8883"
+        )]
         listen: String,
         /// Names or addresses devices reach the broker by (repeatable; at least one).
-        #[arg(long = "san", required = true)]
+        #[arg(
+            long = "san",
+            env = "FLOTILLA_MOSQUITTO_SANS",
+            value_delimiter = ',',
+            required = true
+        )]
         sans: Vec<String>,
+        /// Give the broker's key to this user (Mosquitto's, `mosquitto`):
+        /// Mosquitto 2 reads it after dropping root.
+        #[arg(long, env = "FLOTILLA_MOSQUITTO_KEY_OWNER")]
+        key_owner: Option<String>,
+        /// Run by `sh -c` when a file changed (`systemctl reload mosquitto`:
+        /// SIGHUP re-reads the ACL, revocation list, certificate and key).
+        #[arg(long, env = "FLOTILLA_MOSQUITTO_RELOAD")]
+        reload_cmd: Option<String>,
+        /// Run instead of --reload-cmd when the CA or mosquitto.conf changed,
+        /// which SIGHUP does not re-read (`systemctl restart mosquitto`).
+        #[arg(long, env = "FLOTILLA_MOSQUITTO_RESTART")]
+        restart_cmd: Option<String>,
         #[command(flatten)]
         server: ServerArg,
     },
@@ -277,6 +299,10 @@ struct ServerArg {
     /// admin.token in FLOTILLA_DATA_DIR, /var/lib/flotilla).
     #[arg(long, env = "FLOTILLA_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// A file holding the API token (for units and scripts: no token in
+    /// the process list or the environment).
+    #[arg(long, env = "FLOTILLA_TOKEN_FILE", conflicts_with = "token")]
+    token_file: Option<PathBuf>,
     /// CA certificate (PEM) to check the API's certificate with (default,
     /// for a server on this machine: the controller's ca.pem; else the
     /// system's roots).
@@ -289,6 +315,7 @@ impl ServerArg {
         Client::new(&ClientOptions {
             server: self.server.clone(),
             token: self.token.clone(),
+            token_file: self.token_file.clone(),
             ca: self.ca.clone(),
         })
     }
@@ -555,14 +582,23 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     out,
                     listen,
                     sans,
+                    key_owner,
+                    reload_cmd,
+                    restart_cmd,
                     server,
                 },
         } => flotilla_controller::broker_config::write_mosquitto(
             &server.client()?,
-            &out,
-            &listen,
-            &sans,
-        ),
+            &flotilla_controller::broker_config::MosquittoOptions {
+                dir: out,
+                listen,
+                sans,
+                key_owner,
+                reload_cmd,
+                restart_cmd,
+            },
+        )
+        .map(drop),
         Command::Node {
             command: NodeCommand::Revoke { name, server },
         } => identity::cli::revoke(&server.client()?, &name),

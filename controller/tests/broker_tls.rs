@@ -324,7 +324,7 @@ async fn mosquitto_with_the_written_config_holds_devices_and_refuses_revoked_one
     let topics = Topics::default();
 
     let conf_dir = dir.path().join("mosquitto");
-    let key = broker_config::broker_key(&conf_dir).unwrap();
+    let (key, _) = broker_config::broker_key(&conf_dir).unwrap();
     let port = free_port();
     write_config(&conf_dir, &identity, &key, port);
     // Started as root, Mosquitto would drop to its own user, which cannot
