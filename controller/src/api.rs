@@ -17,6 +17,7 @@
 //! | `DELETE /v1/namespaces/{name}` | delete a namespace (refused while workloads are in it) |
 //! | `GET /v1/pods[/{name}]` | pods (`{workload}@{node}`) |
 //! | `GET /v1/pods/{name}/logs?container=&tail=&cursor=` | a piece of a container's log, fetched from its node |
+//! | `POST /v1/pods/{name}/exec` | body `{"container": C, "command": [..], "timeoutSeconds": N}`: a command run in the container ([`crate::exec`]) |
 //! | `GET /healthz` | liveness |
 //!
 //! Errors are `{"error": "…"}` with a 4xx/5xx status; a refused manifest also
@@ -72,6 +73,12 @@ impl FromRef<ApiState> for ControlHandle {
     }
 }
 
+impl FromRef<ApiState> for MqttHandle {
+    fn from_ref(state: &ApiState) -> Self {
+        state.mqtt.clone()
+    }
+}
+
 /// The router over a control loop handle and the MQTT session (for
 /// requests to agents).
 pub fn router(control: ControlHandle, mqtt: MqttHandle) -> Router {
@@ -101,6 +108,7 @@ pub fn router(control: ControlHandle, mqtt: MqttHandle) -> Router {
         .route("/v1/pods", get(list_pods))
         .route("/v1/pods/{name}", get(get_pod))
         .route("/v1/pods/{name}/logs", get(pod_logs))
+        .route("/v1/pods/{name}/exec", post(crate::exec::exec))
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(ApiState { control, mqtt })
 }
@@ -453,17 +461,18 @@ async fn get_pod(State(control): State<ControlHandle>, Path(name): Path<String>)
     read_one(&control, "pod", name, view::pod).await
 }
 
-/// Where a pod's logs are: its node, its name there, its containers.
-struct LogTarget {
-    node: String,
-    pod: String,
-    containers: Vec<String>,
-    readiness: Readiness,
-    last_seen_ms: u64,
+/// Where a pod's logs are (and where its commands run): its node, its name
+/// there, its containers.
+pub(crate) struct LogTarget {
+    pub(crate) node: String,
+    pub(crate) pod: String,
+    pub(crate) containers: Vec<String>,
+    pub(crate) readiness: Readiness,
+    pub(crate) last_seen_ms: u64,
 }
 
 /// The pod `{workload}@{node}`, desired there or still reported by it.
-fn log_target(c: &Cluster, name: &str) -> Option<LogTarget> {
+pub(crate) fn log_target(c: &Cluster, name: &str) -> Option<LogTarget> {
     let (workload, node_name) = name.rsplit_once('@')?;
     let node = c.fleet.get(node_name)?;
     let desired = c
@@ -616,6 +625,15 @@ async fn pod_logs(
             return Err(error(
                 StatusCode::BAD_GATEWAY,
                 format!("node {}: {message}", target.node),
+            ));
+        }
+        RpcResult::Exec(_) => {
+            return Err(error(
+                StatusCode::BAD_GATEWAY,
+                format!(
+                    "node {} answered a logs request with an exec result",
+                    target.node
+                ),
             ));
         }
     };

@@ -332,6 +332,101 @@ pub fn logs(client: &Client, pod: &str, options: &LogsOptions) -> anyhow::Result
     }
 }
 
+/// What `flotilla exec` asks besides the pod.
+#[derive(Debug, Clone)]
+pub struct ExecOptions {
+    /// The container (default: the pod's only one).
+    pub container: Option<String>,
+    /// The command is killed after this long.
+    pub timeout: Duration,
+    /// The command and its arguments.
+    pub command: Vec<String>,
+}
+
+/// How `flotilla exec` ends when it is not with success: the command's own
+/// exit code (128 + N for signal N, 124 for a timeout), and what to say
+/// first, if anything. `main` exits with it.
+#[derive(Debug)]
+pub struct CommandExit {
+    /// The exit code.
+    pub code: u8,
+    /// Printed as an error before exiting.
+    pub message: Option<String>,
+}
+
+impl std::fmt::Display for CommandExit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.message {
+            Some(m) => f.write_str(m),
+            None => write!(f, "the command exited with code {}", self.code),
+        }
+    }
+}
+
+impl std::error::Error for CommandExit {}
+
+/// Extra time the CLI waits past the command's timeout: the controller's
+/// own margin for the answer's way back, and some.
+const EXEC_MARGIN: Duration = Duration::from_secs(30);
+
+/// `flotilla exec POD [-c CONTAINER] [--timeout D] -- CMD [ARGS...]`: runs
+/// the command in the container, prints its stdout and stderr to ours, and
+/// ends with its exit code ([`CommandExit`]).
+pub fn exec(client: &Client, pod: &str, options: &ExecOptions) -> anyhow::Result<()> {
+    let secs = options.timeout.as_secs();
+    let mut body = serde_json::json!({ "command": options.command, "timeoutSeconds": secs });
+    if let Some(c) = &options.container {
+        body["container"] = Value::from(c.as_str());
+    }
+    let path = format!("/v1/pods/{}/exec", escape(pod));
+    let answer = client.post_json_within(&path, &body, options.timeout + EXEC_MARGIN)?;
+    let text = |key: &str| answer[key].as_str().unwrap_or_default().to_owned();
+    std::io::stdout()
+        .write_all(text("stdout").as_bytes())
+        .and_then(|()| std::io::stdout().flush())
+        .context("writing to standard output")?;
+    let mut err = std::io::stderr();
+    let _ = err.write_all(text("stderr").as_bytes());
+    for stream in ["stdout", "stderr"] {
+        let cut = answer[format!("{stream}Cut")].as_u64().unwrap_or(0);
+        if cut > 0 {
+            let _ = writeln!(
+                err,
+                "flotilla exec: {stream} truncated: {cut} more bytes were cut (at most {} KiB are kept)",
+                flotilla_proto::ExecRequest::MAX_OUTPUT / 1024
+            );
+        }
+    }
+    if answer["timedOut"] == true {
+        return Err(CommandExit {
+            code: 124,
+            message: Some(format!(
+                "the command did not finish within {secs}s and was killed"
+            )),
+        }
+        .into());
+    }
+    if let Some(signal) = answer["signal"].as_u64() {
+        return Err(CommandExit {
+            code: u8::try_from(128 + signal.min(127)).unwrap_or(255),
+            message: Some(format!("the command was killed by signal {signal}")),
+        }
+        .into());
+    }
+    let code = answer["exitCode"]
+        .as_i64()
+        .context("the server's answer has no exit code")?;
+    match code {
+        0 => Ok(()),
+        // As a shell shows it: the low byte.
+        code => Err(CommandExit {
+            code: (code & 0xff) as u8,
+            message: None,
+        }
+        .into()),
+    }
+}
+
 /// Percent-encodes all but unreserved characters (and `@`, which pod names
 /// hold), so a name cannot change the path or the query.
 fn escape(s: &str) -> String {

@@ -183,12 +183,29 @@ impl Client {
     /// One request (a POST body is sent as YAML, which takes JSON too); the
     /// answer's JSON, or its `error` as the error.
     pub fn call(&self, method: &str, path: &str, body: Option<String>) -> anyhow::Result<Value> {
-        self.send(method, path, body.map(|b| ("application/yaml", b)))
+        self.send(method, path, body.map(|b| ("application/yaml", b)), None)
     }
 
     /// `POST path` with a JSON body.
     pub fn post_json(&self, path: &str, body: &Value) -> anyhow::Result<Value> {
-        self.send("POST", path, Some(("application/json", body.to_string())))
+        self.send(
+            "POST",
+            path,
+            Some(("application/json", body.to_string())),
+            None,
+        )
+    }
+
+    /// [`Client::post_json`] for an answer that may take longer than the
+    /// usual 30 s (`exec`): waits at most `timeout`.
+    pub fn post_json_within(
+        &self,
+        path: &str,
+        body: &Value,
+        timeout: Duration,
+    ) -> anyhow::Result<Value> {
+        let body = Some(("application/json", body.to_string()));
+        self.send("POST", path, body, Some(timeout))
     }
 
     fn send(
@@ -196,6 +213,7 @@ impl Client {
         method: &str,
         path: &str,
         body: Option<(&str, String)>,
+        timeout: Option<Duration>,
     ) -> anyhow::Result<Value> {
         let url = format!("{}{}", self.base, path);
         let auth = self.token.as_ref().map(|t| format!("Bearer {t}"));
@@ -204,6 +222,9 @@ impl Client {
                 let mut req = self.agent.post(&url).header("content-type", content_type);
                 if let Some(a) = &auth {
                     req = req.header("authorization", a);
+                }
+                if let Some(t) = timeout {
+                    req = req.config().timeout_global(Some(t)).build();
                 }
                 req.send(body)
             }

@@ -8,6 +8,7 @@ pub mod broker_config;
 pub mod cli;
 pub mod client;
 pub mod control;
+pub mod exec;
 pub mod fleet;
 pub mod identity;
 pub mod manifest;

@@ -1,5 +1,5 @@
 //! `flotilla`: the controller (`serve`, `up`) and its CLI (`apply`, `get`,
-//! `describe`, `delete`, `logs`). This file only parses arguments and picks the exit code.
+//! `describe`, `delete`, `logs`, `exec`). This file only parses arguments and picks the exit code.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -135,6 +135,23 @@ enum Command {
         /// Keep printing new output.
         #[arg(short = 'f', long)]
         follow: bool,
+        #[command(flatten)]
+        server: ServerArg,
+    },
+    /// Run a command in a container on its node (no input, no terminal),
+    /// print its output and exit with its exit code.
+    Exec {
+        /// The pod (WORKLOAD@NODE).
+        pod: String,
+        /// The container (default: the pod's only one).
+        #[arg(short = 'c', long)]
+        container: Option<String>,
+        /// Kill the command after this long (at most 5m).
+        #[arg(long, default_value = "30s", value_parser = parse_exec_timeout)]
+        timeout: Duration,
+        /// The command and its arguments, after `--`.
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
         #[command(flatten)]
         server: ServerArg,
     },
@@ -470,11 +487,29 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
-        }
+        // `exec` ends with the command's exit code.
+        Err(e) => match e.downcast::<cli::CommandExit>() {
+            Ok(exit) => {
+                if let Some(m) = exit.message {
+                    eprintln!("error: {m}");
+                }
+                ExitCode::from(exit.code)
+            }
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
     }
+}
+
+/// `--timeout` of `exec`: whole seconds, 1 s to 5 min.
+fn parse_exec_timeout(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d.subsec_nanos() != 0 || d < Duration::from_secs(1) || d > Duration::from_secs(300) {
+        return Err(format!("{s:?}: expected whole seconds from 1s to 5m"));
+    }
+    Ok(d)
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
@@ -625,6 +660,21 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 container,
                 tail,
                 follow,
+            },
+        ),
+        Command::Exec {
+            pod,
+            container,
+            timeout,
+            command,
+            server,
+        } => cli::exec(
+            &server.client()?,
+            &pod,
+            &cli::ExecOptions {
+                container,
+                timeout,
+                command,
             },
         ),
     }

@@ -115,6 +115,11 @@ impl MqttHandle {
         Ok(())
     }
 
+    /// The key desired states are signed with; exec requests too.
+    pub fn signer(&self) -> &SigningKey {
+        &self.signer
+    }
+
     /// Asks `node`'s agent `call` and waits at most `timeout` for its answer.
     pub async fn request(
         &self,

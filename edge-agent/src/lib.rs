@@ -7,10 +7,12 @@
 //! given to the reconciler; pods report to the coalescing reporter, whose
 //! newest status the session publishes. Beside them run the log rotation,
 //! the health sampler, and the rpc server that answers the controller's
-//! requests (container logs) from the session.
+//! requests (container logs; commands run in containers, [`exec`]) from
+//! the session.
 
 pub mod config;
 pub mod enroll;
+pub mod exec;
 pub mod image;
 pub mod join_tls;
 pub mod logs;
@@ -168,6 +170,7 @@ async fn agent<R: Runtime, I: Images>(
         stop_grace: config.stop_grace,
         secrets: keyring,
     };
+    let execs = Arc::new(exec::Execs::new(Arc::clone(&runtime), &node, &config.trust));
     let reconciler = reconciler::spawn(
         runtime,
         images,
@@ -185,7 +188,14 @@ async fn agent<R: Runtime, I: Images>(
         requests: request_tx,
         responses: response_rx,
     };
-    tracker.spawn(serve_rpc(logs, request_rx, response_tx, token.clone()));
+    tracker.spawn(serve_rpc(
+        logs,
+        execs,
+        request_rx,
+        response_tx,
+        tracker.clone(),
+        token.clone(),
+    ));
     let session = session::SessionConfig {
         broker: config.broker.clone(),
         node: node.clone(),
@@ -254,12 +264,15 @@ async fn agent<R: Runtime, I: Images>(
     }
 }
 
-/// Answers rpc requests one at a time, each on a blocking thread (they read
-/// files), until `shutdown`.
-async fn serve_rpc(
+/// Answers rpc requests until `shutdown`: log reads one at a time, each on
+/// a blocking thread (they read files); execs each in a task of their own
+/// (they last up to their timeout), [`exec`] bounding how many run.
+async fn serve_rpc<R: Runtime>(
     logs: Arc<Logs>,
+    execs: Arc<exec::Execs<R>>,
     mut requests: mpsc::Receiver<Vec<u8>>,
     responses: mpsc::Sender<Vec<u8>>,
+    tracker: TaskTracker,
     shutdown: CancellationToken,
 ) {
     loop {
@@ -268,9 +281,45 @@ async fn serve_rpc(
             frame = requests.recv() => frame,
         };
         let Some(frame) = frame else { return };
-        let logs = Arc::clone(&logs);
-        let Ok(answer) = tokio::task::spawn_blocking(move || answer(&logs, &frame)).await else {
-            return;
+        let answer = match flotilla_proto::decode::<RpcRequest>(&frame) {
+            Ok(RpcRequest {
+                id,
+                call: RpcCall::Exec(signed),
+            }) => {
+                let execs = Arc::clone(&execs);
+                let responses = responses.clone();
+                let shutdown = shutdown.clone();
+                tracker.spawn(async move {
+                    let response = tokio::select! {
+                        // The command is killed at its own deadline.
+                        () = shutdown.cancelled() => return,
+                        r = exec::serve(execs, id, signed) => r,
+                    };
+                    if let Some(frame) = encode_response(response) {
+                        let _ = responses.send(frame).await;
+                    }
+                });
+                continue;
+            }
+            Ok(RpcRequest {
+                id,
+                call: RpcCall::Logs(request),
+            }) => {
+                let logs = Arc::clone(&logs);
+                let read = tokio::task::spawn_blocking(move || logs.read(&request)).await;
+                let Ok(read) = read else { return };
+                let result = match read {
+                    Ok(chunk) => RpcResult::Logs {
+                        data: chunk.data,
+                        next: chunk.next,
+                    },
+                    Err(e) => RpcResult::Error {
+                        message: e.to_string(),
+                    },
+                };
+                encode_response(RpcResponse { id, result })
+            }
+            Err(e) => refusal(&frame, &e).and_then(encode_response),
         };
         if let Some(answer) = answer
             && responses.send(answer).await.is_err()
@@ -280,45 +329,30 @@ async fn serve_rpc(
     }
 }
 
-/// The encoded response to a request frame; `None` when the frame is too
+/// The answer to a request frame that did not decode; `None` when it is too
 /// broken to say which request it was.
-fn answer(logs: &Logs, frame: &[u8]) -> Option<Vec<u8>> {
-    let response = match flotilla_proto::decode::<RpcRequest>(frame) {
-        Ok(RpcRequest {
-            id,
-            call: RpcCall::Logs(request),
-        }) => {
-            let result = match logs.read(&request) {
-                Ok(chunk) => RpcResult::Logs {
-                    data: chunk.data,
-                    next: chunk.next,
-                },
-                Err(e) => RpcResult::Error {
-                    message: e.to_string(),
-                },
-            };
-            RpcResponse { id, result }
+fn refusal(frame: &[u8], e: &flotilla_proto::DecodeError) -> Option<RpcResponse> {
+    // The id comes first: answering a request whose call is malformed
+    // spares its caller the timeout.
+    let id = match frame.split_first() {
+        Some((&WIRE_VERSION, body)) if frame.len() <= RpcRequest::MAX_BYTES => {
+            postcard::take_from_bytes::<u64>(body)
+                .ok()
+                .map(|(id, _)| id)
         }
-        Err(e) => {
-            // The id comes first: answering a request whose call is
-            // malformed spares its caller the timeout.
-            let id = match frame.split_first() {
-                Some((&WIRE_VERSION, body)) if frame.len() <= RpcRequest::MAX_BYTES => {
-                    postcard::take_from_bytes::<u64>(body)
-                        .ok()
-                        .map(|(id, _)| id)
-                }
-                _ => None,
-            };
-            tracing::warn!(?id, "refused an rpc request: {e}");
-            RpcResponse {
-                id: id?,
-                result: RpcResult::Error {
-                    message: format!("refused: {e}"),
-                },
-            }
-        }
+        _ => None,
     };
+    tracing::warn!(?id, "refused an rpc request: {e}");
+    Some(RpcResponse {
+        id: id?,
+        result: RpcResult::Error {
+            message: format!("refused: {e}"),
+        },
+    })
+}
+
+/// The response's frame; an error in its place when it does not fit.
+fn encode_response(response: RpcResponse) -> Option<Vec<u8>> {
     let id = response.id;
     match flotilla_proto::encode(&response) {
         Ok(frame) => Some(frame),

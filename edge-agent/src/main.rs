@@ -14,6 +14,10 @@ use tokio_util::sync::CancellationToken;
 /// How long an idle blocking thread waits for work before it exits.
 const BLOCKING_KEEP_ALIVE: Duration = Duration::from_secs(2);
 
+/// How long a stopping agent waits for blocking threads once its tasks
+/// have ended.
+const BLOCKING_AT_EXIT: Duration = Duration::from_secs(2);
+
 /// `flotilla-agent image …`.
 #[derive(Debug, Parser)]
 #[command(
@@ -135,7 +139,13 @@ fn main() -> ExitCode {
     };
     let shutdown = CancellationToken::new();
     runtime.spawn(cancel_on_signal(shutdown.clone()));
-    match runtime.block_on(flotilla_agent::run(config, shutdown)) {
+    let outcome = runtime.block_on(flotilla_agent::run(config, shutdown));
+    // Every task has ended; a blocking thread may still wait on a command
+    // run in a container (an exec or an exec probe, up to its own timeout).
+    // Dropping the runtime would wait for it; the command stays with its
+    // container either way.
+    runtime.shutdown_timeout(BLOCKING_AT_EXIT);
+    match outcome {
         Ok(()) => {
             tracing::info!("stopped; containers keep running");
             ExitCode::SUCCESS

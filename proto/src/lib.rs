@@ -26,7 +26,10 @@ pub use desired::{
 };
 pub use names::{MAX_NAME, NameError, check_label_key, check_label_value, check_name};
 pub use presence::Presence;
-pub use rpc::{LogCursor, LogsRequest, RpcCall, RpcRequest, RpcResponse, RpcResult};
+pub use rpc::{
+    ExecEnd, ExecRequest, ExecResult, LogCursor, LogsRequest, RpcCall, RpcRequest, RpcResponse,
+    RpcResult, SIGNED_EXEC_CONTEXT, SignedExec,
+};
 pub use signed::{SIGNATURE_LEN, SIGNED_DESIRED_CONTEXT, Signature, SignedDesired};
 pub use status::{
     ContainerState, ContainerStatus, Label, NodeHealth, NodeInfo, NodeStatus, PodPhase, PodStatus,

@@ -126,6 +126,8 @@ pub const ROUTES: &[(Method, &str, Access)] = {
         (Method::GET, "/v1/pods/{name}", Least(Viewer)),
         // Logs carry what applications print, secrets included.
         (Method::GET, "/v1/pods/{name}/logs", Least(Operator)),
+        // Runs a command in a container: what the operator may change anyway.
+        (Method::POST, "/v1/pods/{name}/exec", Least(Operator)),
         // Changes to what runs where.
         (Method::POST, "/v1/apply", Least(Operator)),
         (Method::POST, "/v1/nodes/{name}/labels", Least(Operator)),

@@ -1,6 +1,6 @@
 //! The controller's ed25519 signing key: made on first start in the data
 //! directory (owner-only), loaded afterwards, and used to sign every
-//! desired-state frame before it is published.
+//! desired-state frame before it is published, and every exec request.
 
 use std::fs;
 use std::io::{self, Write};
@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
-use flotilla_proto::{EncodeError, Signature, SignedDesired, encode};
+use flotilla_proto::{EncodeError, ExecRequest, Signature, SignedDesired, SignedExec, encode};
 use ring::rand::SystemRandom;
 use ring::signature::{Ed25519KeyPair, KeyPair};
 
@@ -156,6 +156,19 @@ impl SigningKey {
             payload: frame,
             signature: Signature(signature),
         })?)
+    }
+
+    /// Signs an exec request for one node (`SIGNED_EXEC_CONTEXT` then its
+    /// frame), as the agent checks it before running anything.
+    pub fn sign_exec(&self, request: &ExecRequest) -> Result<SignedExec, SigningError> {
+        let payload = encode(request)?;
+        let signed = self.pair.sign(&SignedExec::signed_bytes(&payload));
+        let mut signature = [0; flotilla_proto::SIGNATURE_LEN];
+        signature.copy_from_slice(signed.as_ref());
+        Ok(SignedExec {
+            payload,
+            signature: Signature(signature),
+        })
     }
 }
 

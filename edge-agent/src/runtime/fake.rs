@@ -4,12 +4,14 @@
 //! Behaviour is chosen by the container's `args`: `["fake-exit", "N"]` exits
 //! at once with code N, `["fake-fail"]` fails to start, anything else runs
 //! until killed. An `exec` gives what [`FakeRuntime::set_exec`] chose for
-//! its command line, 127 (command not found) for any other.
+//! its command line, 127 (command not found) for any other; `exec_output`
+//! also prints the command line.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
+use flotilla_proto::{ExecEnd, ExecResult};
 use tokio::sync::watch;
 
 use super::{ContainerConfig, Existing, Exit, Runtime, RuntimeError};
@@ -216,6 +218,38 @@ impl Runtime for FakeRuntime {
             }),
             None => Ok(127),
         }
+    }
+
+    fn exec_output(
+        &self,
+        id: &str,
+        argv: &[String],
+        timeout: Duration,
+        max_output: usize,
+    ) -> Result<ExecResult, RuntimeError> {
+        let end = match self.exec(id, argv, timeout) {
+            Ok(code) => ExecEnd::Exited(code),
+            Err(RuntimeError::Timeout { .. }) => ExecEnd::TimedOut,
+            Err(e) => return Err(e),
+        };
+        // The command line on stdout, as `echo` would print it.
+        let mut stdout = format!("{}\n", argv.join(" ")).into_bytes();
+        let stdout_cut = stdout.len().saturating_sub(max_output) as u64;
+        stdout.truncate(max_output);
+        let stderr = match end {
+            ExecEnd::Exited(127) => {
+                let command = argv.first().map_or("", String::as_str);
+                format!("fake: {command}: not found\n").into_bytes()
+            }
+            _ => Vec::new(),
+        };
+        Ok(ExecResult {
+            end,
+            stdout,
+            stderr,
+            stdout_cut,
+            stderr_cut: 0,
+        })
     }
 }
 

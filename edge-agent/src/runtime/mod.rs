@@ -12,7 +12,9 @@ use std::future::Future;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use flotilla_proto::{Resources, SecurityContext};
+#[cfg(doc)]
+use flotilla_proto::ExecEnd;
+use flotilla_proto::{ExecResult, Resources, SecurityContext};
 
 /// Everything needed to create and start one container.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -144,4 +146,17 @@ pub trait Runtime: Send + Sync + 'static {
     /// when a signal ended it). Past `timeout` the process is killed and the
     /// result is [`RuntimeError::Timeout`].
     fn exec(&self, id: &str, argv: &[String], timeout: Duration) -> Result<i32, RuntimeError>;
+
+    /// [`Runtime::exec`] that keeps what the command writes (`flotilla
+    /// exec`): the first `max_output` bytes of its stdout and of its stderr,
+    /// in memory only, the rest read and counted. Past `timeout` the command
+    /// and what it started are killed (SIGKILL): the end is
+    /// [`ExecEnd::TimedOut`], with what it wrote until then.
+    fn exec_output(
+        &self,
+        id: &str,
+        argv: &[String],
+        timeout: Duration,
+        max_output: usize,
+    ) -> Result<ExecResult, RuntimeError>;
 }

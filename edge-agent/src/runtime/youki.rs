@@ -26,6 +26,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 pub use self::spec::{capability_mask, default_capabilities};
+use flotilla_proto::{ExecEnd, ExecResult};
 use libcontainer::container::{Container, ContainerStatus};
 pub use oci_spec::runtime::Capability;
 use tokio::io::Interest;
@@ -577,30 +578,25 @@ impl Runtime for YoukiRuntime {
     }
 
     fn exec(&self, id: &str, argv: &[String], timeout: Duration) -> Result<i32, RuntimeError> {
-        check_id(id).map_err(|_| RuntimeError::NotFound { id: id.to_owned() })?;
-        let loaded = self
-            .inner
-            .load(id)?
-            .ok_or_else(|| RuntimeError::NotFound { id: id.to_owned() })?;
-        let init = match loaded.pid {
-            Some(pid) if loaded.started => self.inner.open_init(id, pid)?,
-            _ => None,
-        };
-        if !init.is_some_and(|i| i.is_running().unwrap_or(false)) {
-            return Err(RuntimeError::Other {
+        match self.exec_in(id, argv, timeout, None)?.end {
+            ExecEnd::Exited(code) => Ok(code),
+            ExecEnd::Signaled(signal) => Ok(128 + signal),
+            ExecEnd::TimedOut => Err(RuntimeError::Timeout {
                 id: id.to_owned(),
                 op: "exec",
-                reason: "the container is not running".into(),
-            });
+                after: timeout,
+            }),
         }
-        exec::run(
-            &self.helper,
-            &self.inner.state_root,
-            &self.inner.bundle(id),
-            id,
-            argv,
-            timeout,
-        )
+    }
+
+    fn exec_output(
+        &self,
+        id: &str,
+        argv: &[String],
+        timeout: Duration,
+        max_output: usize,
+    ) -> Result<ExecResult, RuntimeError> {
+        self.exec_in(id, argv, timeout, Some(max_output))
     }
 }
 

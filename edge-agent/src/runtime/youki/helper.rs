@@ -12,7 +12,9 @@
 
 use std::ffi::OsString;
 use std::fs::{File, OpenOptions};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
 
@@ -48,7 +50,8 @@ pub(super) enum Request<'a> {
         devices: Option<&'a Attach>,
     },
     /// Start `argv` inside running container `id`, under the seccomp
-    /// program in `seccomp` (the container's own).
+    /// program in `seccomp` (the container's own), its stdout and stderr
+    /// the write ends in `output` (else `/dev/null`).
     Exec {
         state_root: &'a Path,
         id: &'a str,
@@ -57,8 +60,15 @@ pub(super) enum Request<'a> {
         gid: u32,
         seccomp: Option<&'a Path>,
         argv: &'a [String],
+        output: Option<(BorrowedFd<'a>, BorrowedFd<'a>)>,
     },
 }
+
+/// Where the helper finds an exec's stdout and stderr pipes when asked to
+/// capture them: the agent places them at these descriptors.
+const CAPTURE_FDS: [RawFd; 2] = [3, 4];
+/// The argument that says the exec's output goes to [`CAPTURE_FDS`].
+const CAPTURE: &str = "capture";
 
 /// In the agent: runs the helper for `request` and returns the pid of the
 /// process it created (the container's init, or the exec'd command), or the
@@ -97,6 +107,7 @@ pub(super) fn call(helper: &Path, request: &Request<'_>) -> Result<i32, String> 
             gid,
             seccomp,
             argv,
+            output,
         } => {
             cmd.arg("exec")
                 .arg(state_root)
@@ -105,8 +116,20 @@ pub(super) fn call(helper: &Path, request: &Request<'_>) -> Result<i32, String> 
                 .arg(uid.to_string())
                 .arg(gid.to_string())
                 .arg(seccomp.map_or(Path::new(NO_SECCOMP), |p| p))
+                .arg(if output.is_some() {
+                    CAPTURE
+                } else {
+                    NO_SECCOMP
+                })
                 .arg("--")
                 .args(argv.iter());
+            if let Some((out, err)) = output {
+                let fds = [out.as_raw_fd(), err.as_raw_fd()];
+                // SAFETY: the closure runs in the forked child before exec
+                // and calls only fcntl, dup2 and close, which are
+                // async-signal-safe and allocate nothing.
+                unsafe { cmd.pre_exec(move || place_fds(fds)) };
+            }
         }
     }
     let out = cmd
@@ -134,9 +157,55 @@ pub(super) fn call(helper: &Path, request: &Request<'_>) -> Result<i32, String> 
     Err(err)
 }
 
+/// In the forked child: puts `fds` (the pipes' write ends, close-on-exec in
+/// the agent) at [`CAPTURE_FDS`], open across the exec. Copied above them
+/// first, so that neither overwrites the other whatever their numbers.
+fn place_fds(fds: [RawFd; 2]) -> std::io::Result<()> {
+    let check = |ret: libc::c_int| {
+        if ret < 0 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(ret)
+        }
+    };
+    let mut high = [0; 2];
+    for (slot, fd) in high.iter_mut().zip(fds) {
+        // SAFETY: plain integer arguments; F_DUPFD makes a new descriptor.
+        *slot = check(unsafe { libc::fcntl(fd, libc::F_DUPFD, 10) })?;
+    }
+    for (high, target) in high.into_iter().zip(CAPTURE_FDS) {
+        // SAFETY: plain integer arguments; dup2's copy has no close-on-exec.
+        check(unsafe { libc::dup2(high, target) })?;
+        // SAFETY: `high` is the copy made above, used by nothing else.
+        check(unsafe { libc::close(high) })?;
+    }
+    Ok(())
+}
+
+/// In the helper: takes the capture pipes the agent placed at
+/// [`CAPTURE_FDS`], checking that they are open.
+fn capture_fds() -> Result<(File, File), String> {
+    let take = |fd: RawFd| {
+        // SAFETY: F_GETFD only reads the descriptor's flags.
+        if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+            return Err(format!("runtime helper: no output pipe at descriptor {fd}"));
+        }
+        // SAFETY: the agent placed this pipe here for this process alone,
+        // and nothing in this single-threaded process has taken it yet.
+        Ok(File::from(unsafe { OwnedFd::from_raw_fd(fd) }))
+    };
+    Ok((take(CAPTURE_FDS[0])?, take(CAPTURE_FDS[1])?))
+}
+
 /// In the helper process: does what `args` (after [`ARG`]) ask, prints the
 /// new process's pid, and exits. Nothing else runs in this process.
 pub fn main(args: Vec<OsString>) -> ExitCode {
+    // Rust's runtime made this process ignore SIGPIPE, and an ignored signal
+    // stays ignored across exec: every container process would inherit it
+    // (`yes | head` would never end). Reset, as std's `Command` does for the
+    // children it spawns.
+    // SAFETY: signal(2) with SIG_DFL installs no handler.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     match serve(args) {
         Ok(pid) => {
             println!("{pid}");
@@ -232,6 +301,10 @@ fn serve(args: Vec<OsString>) -> Result<i32, String> {
             let uid = number(next("uid")?, "uid")?;
             let gid = number(next("gid")?, "gid")?;
             let executor = executor(next("seccomp program")?)?;
+            let (stdout, stderr) = match next("output")? {
+                o if o == CAPTURE => capture_fds()?,
+                _ => (null(true)?, null(true)?),
+            };
             if next("--")? != "--" {
                 return Err("runtime helper: expected -- before the command".into());
             }
@@ -243,8 +316,8 @@ fn serve(args: Vec<OsString>) -> Result<i32, String> {
                 .with_root_path(&state_root)
                 .map_err(|e| chain(&e))?
                 .with_stdin(null(false)?)
-                .with_stdout(null(true)?)
-                .with_stderr(null(true)?)
+                .with_stdout(stdout)
+                .with_stderr(stderr)
                 .with_executor(executor)
                 .as_tenant()
                 .with_container_args(argv)
