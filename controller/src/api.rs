@@ -141,6 +141,15 @@ impl From<ControlError> for ApiError {
     }
 }
 
+/// The answer's status when a request to an agent failed.
+pub(crate) fn rpc_status(e: &RpcError) -> StatusCode {
+    match e {
+        RpcError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+        RpcError::Busy { .. } => StatusCode::SERVICE_UNAVAILABLE,
+        RpcError::Encode { .. } | RpcError::Send { .. } => StatusCode::BAD_GATEWAY,
+    }
+}
+
 fn error(status: StatusCode, message: impl Into<String>) -> ApiError {
     ApiError(status, json!({ "error": message.into() }))
 }
@@ -611,14 +620,7 @@ async fn pod_logs(
         .mqtt
         .request(&target.node, call, LOGS_TIMEOUT)
         .await
-        .map_err(|e| {
-            let status = match e {
-                RpcError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
-                RpcError::Busy { .. } => StatusCode::SERVICE_UNAVAILABLE,
-                RpcError::Encode { .. } | RpcError::Send { .. } => StatusCode::BAD_GATEWAY,
-            };
-            error(status, e.to_string())
-        })?;
+        .map_err(|e| error(rpc_status(&e), e.to_string()))?;
     let (mut data, mut next) = match result {
         RpcResult::Logs { data, next } => (data, next),
         RpcResult::Error { message } => {

@@ -20,7 +20,6 @@ use crate::auth::Caller;
 use crate::control::ControlHandle;
 use crate::fleet::Readiness;
 use crate::mqtt::MqttHandle;
-use crate::rpc::RpcError;
 
 /// The command's timeout when the body names none.
 pub const DEFAULT_TIMEOUT_SECS: u64 = 30;
@@ -186,14 +185,7 @@ async fn run(
     let result = mqtt
         .request(&target.node, RpcCall::Exec(signed), timeout + ANSWER_MARGIN)
         .await
-        .map_err(|e| {
-            let status = match e {
-                RpcError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
-                RpcError::Busy { .. } => StatusCode::SERVICE_UNAVAILABLE,
-                RpcError::Encode { .. } | RpcError::Send { .. } => StatusCode::BAD_GATEWAY,
-            };
-            refuse(status, e.to_string())
-        })?;
+        .map_err(|e| refuse(crate::api::rpc_status(&e), e.to_string()))?;
     match result {
         RpcResult::Exec(result) => Ok(Answer(
             StatusCode::OK,

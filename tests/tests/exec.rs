@@ -21,7 +21,7 @@ use common::*;
 use flotilla_proto::{
     ExecRequest, RpcCall, RpcRequest, SIGNATURE_LEN, Signature, SignedExec, decode, encode,
 };
-use rumqttc::{Client, Event, MqttOptions, Packet, QoS};
+use rumqttc::{Event, Packet, QoS};
 
 const T: Duration = Duration::from_secs(90);
 
@@ -278,31 +278,6 @@ fn exec_runs_commands_in_a_container_and_passes_their_exit_codes_on() {
         took < Duration::from_secs(12),
         "the agent took {took:?} to stop with a command running"
     );
-}
-
-/// An MQTT client of the plain listener with every right (the harness runs
-/// controllers with `--allow-anonymous`): the broker does not stop it, the
-/// signature must.
-fn admin_client(port: u16) -> (Client, rumqttc::Connection) {
-    let mut o = MqttOptions::new(unique_node("admin"), "127.0.0.1", port);
-    o.set_keep_alive(Duration::from_secs(5));
-    o.set_max_packet_size(1 << 20, 1 << 20);
-    Client::new(o, 16)
-}
-
-/// Publishes `payload` on `topic` (QoS 1) and waits for the ack.
-fn publish(port: u16, topic: &str, payload: Vec<u8>) {
-    let (client, mut connection) = admin_client(port);
-    client
-        .publish(topic, QoS::AtLeastOnce, false, payload)
-        .unwrap();
-    let deadline = Instant::now() + T;
-    for event in connection.iter() {
-        assert!(Instant::now() < deadline, "publish not acknowledged");
-        if let Ok(Event::Incoming(Packet::PubAck(_))) = event {
-            return;
-        }
-    }
 }
 
 #[test]

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use flotilla_proto::{DesiredState, Signature, SignedDesired, Topics, decode, encode};
-use rumqttc::{Client, Event, MqttOptions, Packet, QoS};
+use rumqttc::{Event, Packet, QoS};
 
 const T: Duration = Duration::from_secs(90);
 
@@ -41,18 +41,22 @@ fn pids(node: &str) -> BTreeSet<i32> {
         .collect()
 }
 
-fn mode(path: &Path) -> u32 {
-    std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+/// A controller whose embedded broker also listens with mTLS on
+/// `127.0.0.1:{tls}`, so devices that join get certificates; `ports` are
+/// the plain MQTT, the TLS and the API ports.
+fn tls_controller(dir: &Path, ports: [u16; 3], extra: &[&str]) -> Controller {
+    let [mqtt, tls, api] = ports;
+    Controller::start_full(dir, Broker::Embedded(mqtt), api, None, "127.0.0.1", |cmd| {
+        cmd.arg("--mqtts-listen")
+            .arg(format!("127.0.0.1:{tls}"))
+            .arg("--broker-san")
+            .arg("127.0.0.1")
+            .args(extra);
+    })
 }
 
-/// An MQTT client of the plain listener (the harness runs controllers with
-/// `--allow-anonymous`, which gives it every right: the broker is not
-/// what stops it here, the signature is).
-fn admin_client(port: u16) -> (Client, rumqttc::Connection) {
-    let mut o = MqttOptions::new(unique_node("admin"), "127.0.0.1", port);
-    o.set_keep_alive(Duration::from_secs(5));
-    o.set_max_packet_size(4 << 20, 4 << 20);
-    Client::new(o, 16)
+fn mode(path: &Path) -> u32 {
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o777
 }
 
 /// The node's retained desired-state message, as the broker holds it.
@@ -71,39 +75,12 @@ fn capture_desired(port: u16, topic: &str) -> Vec<u8> {
     panic!("the connection ended before the desired state came");
 }
 
-/// Publishes `payload` on `topic` (QoS 1, not retained) and waits for the ack.
-fn publish(port: u16, topic: &str, payload: Vec<u8>) {
-    let (client, mut connection) = admin_client(port);
-    client
-        .publish(topic, QoS::AtLeastOnce, false, payload)
-        .unwrap();
-    let deadline = Instant::now() + T;
-    for event in connection.iter() {
-        assert!(Instant::now() < deadline, "publish not acknowledged");
-        if let Ok(Event::Incoming(Packet::PubAck(_))) = event {
-            return;
-        }
-    }
-}
-
 #[test]
 fn a_tls_enrolled_device_refuses_forged_unsigned_and_replayed_desired_state() {
     let dir = tempfile::tempdir().unwrap();
     let image = busybox_image(dir.path());
     let (mqtt, tls) = (free_port(), free_port());
-    let controller = Controller::start_full(
-        dir.path(),
-        Broker::Embedded(mqtt),
-        free_port(),
-        None,
-        "127.0.0.1",
-        |cmd| {
-            cmd.arg("--mqtts-listen")
-                .arg(format!("127.0.0.1:{tls}"))
-                .arg("--broker-san")
-                .arg("127.0.0.1");
-        },
-    );
+    let controller = tls_controller(dir.path(), [mqtt, tls, free_port()], &[]);
     let node = unique_node("trust");
     let _cleanup = Cleanup(node.clone());
 
@@ -254,23 +231,7 @@ fn a_tls_enrolled_device_refuses_forged_unsigned_and_replayed_desired_state() {
 fn certificates_are_renewed_before_they_expire_and_used_at_the_next_connect() {
     let dir = tempfile::tempdir().unwrap();
     let (mqtt, tls, api) = (free_port(), free_port(), free_port());
-    let start = || {
-        Controller::start_full(
-            dir.path(),
-            Broker::Embedded(mqtt),
-            api,
-            None,
-            "127.0.0.1",
-            |cmd| {
-                cmd.arg("--mqtts-listen")
-                    .arg(format!("127.0.0.1:{tls}"))
-                    .arg("--broker-san")
-                    .arg("127.0.0.1")
-                    .arg("--cert-lifetime")
-                    .arg("10s");
-            },
-        )
-    };
+    let start = || tls_controller(dir.path(), [mqtt, tls, api], &["--cert-lifetime", "10s"]);
     let mut controller = start();
     let node = unique_node("renew");
     let (_, out) = enroll(&controller, dir.path(), &node, "10m");
@@ -341,22 +302,10 @@ fn a_device_back_after_its_certificate_expired_renews_within_the_grace() {
     let dir = tempfile::tempdir().unwrap();
     let (mqtt, tls, api) = (free_port(), free_port(), free_port());
     let start = |grace: &str| {
-        Controller::start_full(
+        tls_controller(
             dir.path(),
-            Broker::Embedded(mqtt),
-            api,
-            None,
-            "127.0.0.1",
-            |cmd| {
-                cmd.arg("--mqtts-listen")
-                    .arg(format!("127.0.0.1:{tls}"))
-                    .arg("--broker-san")
-                    .arg("127.0.0.1")
-                    .arg("--cert-lifetime")
-                    .arg("3s")
-                    .arg("--renew-grace")
-                    .arg(grace);
-            },
+            [mqtt, tls, api],
+            &["--cert-lifetime", "3s", "--renew-grace", grace],
         )
     };
     let mut controller = start("1h");

@@ -538,3 +538,31 @@ impl Controller {
         );
     }
 }
+
+/// An MQTT client of a controller's plain listener (the harness runs
+/// controllers with `--allow-anonymous`, which gives it every right): for
+/// tests where the broker is not what stops a forged message, the
+/// signature is.
+pub fn admin_client(port: u16) -> (rumqttc::Client, rumqttc::Connection) {
+    let mut o = rumqttc::MqttOptions::new(unique_node("admin"), "127.0.0.1", port);
+    o.set_keep_alive(Duration::from_secs(5));
+    o.set_max_packet_size(4 << 20, 4 << 20);
+    rumqttc::Client::new(o, 16)
+}
+
+/// Publishes `payload` on `topic` (QoS 1, not retained) through an
+/// [`admin_client`] and waits for the ack.
+pub fn publish(port: u16, topic: &str, payload: Vec<u8>) {
+    let (client, mut connection) = admin_client(port);
+    client
+        .publish(topic, rumqttc::QoS::AtLeastOnce, false, payload)
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    for event in connection.iter() {
+        assert!(Instant::now() < deadline, "publish not acknowledged");
+        if let Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_))) = event {
+            return;
+        }
+    }
+    panic!("the connection ended before the publish was acknowledged");
+}
