@@ -87,6 +87,38 @@ fn start(d: &Path, prefix: &str) -> (Controller, Agent, String, String) {
     (controller, agent, node, pod)
 }
 
+/// `flotilla exec POD --timeout TIMEOUT -- sleep SECONDS`, started in the
+/// background and returned once the `sleep` runs in the node's containers.
+fn sleeping(
+    c: &Controller,
+    pod: &str,
+    timeout: &str,
+    seconds: &str,
+    node: &str,
+    logs: &[&Path],
+) -> std::process::Child {
+    let child = c
+        .cli_command()
+        .args(["exec", pod, "--timeout", timeout, "--", "sleep", seconds])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let running = format!("sleep {seconds}");
+    wait_for(
+        &format!("{running} to run in the container"),
+        T,
+        logs,
+        || {
+            commands(node)
+                .iter()
+                .any(|c| c.starts_with(&running))
+                .then_some(())
+        },
+    );
+    child
+}
+
 fn count(path: &Path, needle: &str) -> usize {
     std::fs::read_to_string(path)
         .unwrap_or_default()
@@ -178,19 +210,7 @@ fn exec_runs_commands_in_a_container_and_passes_their_exit_codes_on() {
     // A timeout kills the command: it was in the container's cgroup, and
     // is gone from it once exec returns.
     let t0 = Instant::now();
-    let slow = controller
-        .cli_command()
-        .args(["exec", &pod, "--timeout", "2s", "--", "sleep", "600"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    wait_for("sleep 600 to run in the container", T, &logs, || {
-        commands(&node)
-            .iter()
-            .any(|c| c.starts_with("sleep 600"))
-            .then_some(())
-    });
+    let slow = sleeping(&controller, &pod, "2s", "600", &node, &logs);
     let out = slow.wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(124), "{}", stderr(&out));
     assert!(
@@ -256,19 +276,7 @@ fn exec_runs_commands_in_a_container_and_passes_their_exit_codes_on() {
 
     // A stopping agent does not wait for a running command's own timeout
     // (5 min here): it exits well before the harness's 15 s SIGKILL.
-    let mut long = controller
-        .cli_command()
-        .args(["exec", &pod, "--timeout", "300s", "--", "sleep", "601"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    wait_for("sleep 601 to run in the container", T, &logs, || {
-        commands(&node)
-            .iter()
-            .any(|c| c.starts_with("sleep 601"))
-            .then_some(())
-    });
+    let mut long = sleeping(&controller, &pod, "300s", "601", &node, &logs);
     let stopping = Instant::now();
     agent.proc.stop();
     let took = stopping.elapsed();
