@@ -29,6 +29,9 @@ pub const WINDOW: Duration = Duration::from_secs(300);
 /// its issue time); past this many, requests are refused rather than a
 /// nonce forgotten early.
 pub const MAX_SEEN: usize = 1024;
+/// How much earlier than this agent's start a request may be issued: the
+/// start is known to the millisecond, the issue time to the controller's.
+const START_SLACK: Duration = Duration::from_secs(1);
 
 /// Why an exec request was refused or could not run.
 #[derive(Debug, thiserror::Error)]
@@ -56,6 +59,12 @@ pub enum ExecError {
     /// Its nonce ran already.
     #[error("refused exec request: already seen (a replay)")]
     Replay,
+    /// Issued before this agent started: its nonces were not kept across
+    /// the restart, so it may have run already.
+    #[error(
+        "refused exec request: issued before this agent started (it may have run before the restart); send it again"
+    )]
+    BeforeStart,
     /// Too many nonces to remember.
     #[error(
         "refused exec request: more than {MAX_SEEN} exec requests in the last {} minutes",
@@ -109,6 +118,8 @@ pub struct Execs<R> {
     /// Nonce → when it may be forgotten.
     seen: Mutex<HashMap<[u8; 16], Instant>>,
     running: Arc<AtomicUsize>,
+    /// When this agent started (monotonic): nonces live in memory only.
+    started: Instant,
 }
 
 /// A slot among the [`MAX_RUNNING`]; freed when dropped.
@@ -132,6 +143,7 @@ impl<R: Runtime> Execs<R> {
             },
             seen: Mutex::new(HashMap::new()),
             running: Arc::new(AtomicUsize::new(0)),
+            started: Instant::now(),
         }
     }
 
@@ -171,6 +183,15 @@ impl<R: Runtime> Execs<R> {
                 skew_secs: skew / 1000,
                 when,
             });
+        }
+        // The nonces seen before a restart are gone: a request issued
+        // before this agent started could be a replay of one that ran.
+        // The start is reckoned on the wall clock of now (now minus the
+        // monotonic uptime), so a clock stepped since start moves it too.
+        let up = mono.saturating_duration_since(self.started) + START_SLACK;
+        let started_ms = now_ms.saturating_sub(u64::try_from(up.as_millis()).unwrap_or(u64::MAX));
+        if request.issued_at_ms < started_ms {
+            return Err(ExecError::BeforeStart);
         }
         for (what, name) in [("pod", &request.pod), ("container", &request.container)] {
             check_name(name).map_err(|error| ExecError::BadName {

@@ -133,8 +133,10 @@ fn requests_outside_the_window_are_refused() {
     let k = key();
     let (_, execs) = execs(&k);
     let t = now();
+    // An agent up for longer than the window: only the window decides.
     let judge = |issued: SystemTime, nonce: u8| {
-        execs.judge(&sign(&k, &request("n1", nonce, issued)), t, Instant::now())
+        let mono = Instant::now() + 2 * WINDOW;
+        execs.judge(&sign(&k, &request("n1", nonce, issued)), t, mono)
     };
     let old = judge(t - WINDOW - Duration::from_secs(2), 1).unwrap_err();
     assert_eq!(
@@ -145,6 +147,25 @@ fn requests_outside_the_window_are_refused() {
     assert!(ahead.to_string().contains("301 s ahead of"), "{ahead}");
     judge(t - WINDOW + Duration::from_secs(1), 3).unwrap();
     judge(t + WINDOW - Duration::from_secs(1), 4).unwrap();
+}
+
+/// Nonces live in memory: after a restart, a request issued before the
+/// agent started may have run, and is refused even inside the window.
+#[test]
+fn requests_issued_before_the_agent_started_are_refused() {
+    let k = key();
+    let (_, execs) = execs(&k);
+    let t = now();
+    let up_a_minute = Instant::now() + Duration::from_secs(60);
+    let judge = |issued: SystemTime, nonce: u8| {
+        execs.judge(&sign(&k, &request("n1", nonce, issued)), t, up_a_minute)
+    };
+    // Issued 90 s ago, within the window, but before the start 60 s ago.
+    let before = judge(t - Duration::from_secs(90), 1).unwrap_err();
+    assert!(matches!(before, ExecError::BeforeStart), "{before}");
+    assert!(before.to_string().contains("send it again"), "{before}");
+    // Issued after the start: runs.
+    judge(t - Duration::from_secs(30), 2).unwrap();
 }
 
 #[test]
